@@ -1,0 +1,47 @@
+"""Bidirectional top-K logit distillation, the paper's Eq. 3 (arXiv 2604.15482, METHOD_SPEC 3.1).
+
+    l_t = sum_{i in TopK(z^R_t)} SL1_b(z^S_t[i] - z^R_t[i]) + alpha * sum_{j in TopK(sg(z^S_t))} SL1_b(z^S_t[j] - z^R_t[j])
+
+The first term imitates the teacher on its most likely tokens (refusal or utility behaviour); the second
+pulls the student's own confident tokens (the "stubborn" forget knowledge) to the teacher's values.
+Raw logits, no softmax or temperature; an index in both sets counts in both sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_smooth_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor,
+                   beta: float) -> torch.Tensor:
+    """sum_{i in index[n]} SL1_beta(z^S[n, i] - z^R[n, i]) for each position n.
+
+    student_logits, teacher_logits: (N, V); index: (N, K) token ids. Returns (N,), computed in fp32.
+    """
+    s = student_logits.gather(-1, index).float()  # (N, K)
+    t = teacher_logits.gather(-1, index).float()  # (N, K)
+    return F.smooth_l1_loss(s, t, beta=beta, reduction="none").sum(-1)
+
+
+def bidirectional_topk_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
+                            k: int = 10, alpha: float = 1.0, beta: float = 1.0
+                            ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 3 reduced as sum_n weights[n] * l_n.
+
+    student_logits: (N, V) with grad; teacher_logits: (N, V), treated as constants; weights: (N,).
+    Returns the scalar loss and metrics: the two terms, and how many of the student's top-K the teacher shares.
+    """
+    teacher_logits = teacher_logits.detach()
+    k = min(k, student_logits.shape[-1])
+    idx_teacher = teacher_logits.topk(k, dim=-1).indices  # (N, K) C^R_t
+    idx_student = student_logits.detach().topk(k, dim=-1).indices  # (N, K) C^S_t, chosen from detached values
+    imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta)  # (N,)
+    suppress = topk_smooth_l1(student_logits, teacher_logits, idx_student, beta)  # (N,)
+    weights = weights.to(imitate.dtype)
+    loss = (weights * (imitate + alpha * suppress)).sum()
+    overlap = (idx_student.unsqueeze(-1) == idx_teacher.unsqueeze(-2)).any(-1).float().mean(-1)  # (N,)
+    with torch.no_grad():
+        metrics = {"imitate": float((weights * imitate).sum()), "suppress": float((weights * suppress).sum()),
+                   "topk_overlap": float((weights * overlap).sum() / weights.sum().clamp_min(1e-12))}
+    return loss, metrics

@@ -1,0 +1,68 @@
+"""Response targets per record (METHOD_SPEC 3.3), with the teacher's generations cached in the run directory.
+
+Answer-type records (retain, neighbour, negative anchors) are aligned on their gold answer. Refuse-type records
+(forget, adversarial, positive anchors) are aligned on what the prompted teacher itself says, generated once,
+greedily: teacher-forcing the gold forget answer would teach the student to continue the leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from mule.chat import ChatFormatter
+from mule.generation import greedy_generate
+from mule.records import REFUSE_ROLES, QARecord
+from mule.refusal import is_refusal
+
+log = logging.getLogger(__name__)
+
+
+def target_key(system: str | None, record: QARecord, max_new_tokens: int, model_name: str) -> str:
+    blob = json.dumps([system, record.question, record.prefill, max_new_tokens, model_name])
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def needs_generation(record: QARecord, forget_target: str) -> bool:
+    if forget_target not in ("teacher_generated", "gold_answer"):
+        raise ValueError(f"forget_target must be teacher_generated or gold_answer, got {forget_target!r}")
+    return forget_target == "teacher_generated" and record.role in REFUSE_ROLES
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    cache: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                cache[row["key"]] = row["text"]
+    return cache
+
+
+def response_targets(records: list[QARecord], systems: dict[int, str | None], formatter: ChatFormatter, model,
+                     cache_path: Path, model_name: str, forget_target: str, max_new_tokens: int = 48,
+                     batch_size: int = 16, refusal: str | None = None) -> tuple[dict[str, str], float | None]:
+    """{record id: response text} and the share of teacher generations that refuse (None if none generated)."""
+    cache = _read_cache(cache_path)
+    keys = {r.id: target_key(systems[r.objective], r, max_new_tokens, model_name)
+            for r in records if needs_generation(r, forget_target)}
+    todo = [r for r in records if r.id in keys and keys[r.id] not in cache]
+    if todo:
+        prompts = [formatter.prefix_ids(systems[r.objective]) + formatter.body_ids(r.question, r.prefill)
+                   for r in todo]
+        texts = greedy_generate(model, formatter.tokenizer, prompts, max_new_tokens, batch_size,
+                                desc="teacher targets")
+        with cache_path.open("a", encoding="utf-8") as handle:
+            for record, text in zip(todo, texts):
+                cache[keys[record.id]] = text
+                handle.write(json.dumps({"key": keys[record.id], "id": record.id, "text": text}) + "\n")
+    out = {r.id: (cache[keys[r.id]] if r.id in keys else r.answer) for r in records}
+    generated = [out[i] for i in keys]
+    share = sum(is_refusal(t, refusal) for t in generated) / len(generated) if generated else None
+    if share is not None and share < 0.95:
+        log.warning("only %.0f%% of the teacher's %d generated targets refuse (METHOD_SPEC 3.3 asks for >= 95%%): "
+                    "the teacher does not follow its intention prompt well on this model", 100 * share,
+                    len(generated))
+    return out, share

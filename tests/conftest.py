@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama with its own tokenizer, and a tiny benchmark folder (no network)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_BENCH = FIXTURES / "tiny_bench"
+
+
+def bench_texts(root: Path) -> list[str]:
+    texts = []
+    for path in sorted(root.rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts += [row.get("question", ""), row.get("answer", ""), row.get("prefill") or ""]
+            texts += row.get("choices", [])
+    return texts + [(root / "benchmark.yaml").read_text()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from mule.prompts import PROMPTS, COT_SUFFIX
+    from mule.tiny import build_tiny_model
+
+    corpus = bench_texts(TINY_BENCH) + list(PROMPTS.values()) + [COT_SUFFIX, "You are a helpful assistant."]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus * 3)
+
+
+@pytest.fixture()
+def tiny_bench(tmp_path) -> Path:
+    """A writable copy of the tiny benchmark folder."""
+    dest = tmp_path / "bench"
+    shutil.copytree(TINY_BENCH, dest)
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Tests never write into the user's ~/.cache/mule, except the embedded-model tests, which share one."""
+    monkeypatch.setenv("MULE_CACHE_TESTS", str(tmp_path))

@@ -1,0 +1,79 @@
+"""Chat formatting (separate prompt/response tokenisation, prefill, pinned date) and intention prompts."""
+
+import pytest
+
+from mule.benchmark import Domain
+from mule.chat import DATE_STRING, ChatFormatter
+from mule.errors import MuleError
+from mule.models import load_tokenizer
+from mule.prompts import COT_SUFFIX, ensemble_prompt, intention_prompts, system_prompt
+
+DOMAIN = Domain(name="the Moomin books", description="Moomintroll and friends", neighbors=["Pippi", "hippos"])
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_model):
+    return ChatFormatter(load_tokenizer(tiny_model))
+
+
+def test_parts_concatenate_to_the_rendered_chat(fmt):
+    enc = fmt.encode("Forget the Moomins.", "Who wrote the Moomin books?", None, "Tove Jansson.")
+    text = fmt.tokenizer.decode(enc.prefix + enc.body + enc.response)
+    assert text == ("<|im_start|>system\nForget the Moomins.<|im_end|>\n<|im_start|>user\nWho wrote the Moomin "
+                    "books?<|im_end|>\n<|im_start|>assistant\nTove Jansson.<|im_end|>")
+    assert enc.response[-1] == fmt.eos_id
+
+
+def test_student_and_teacher_share_body_and_response(fmt):
+    student = fmt.encode(None, "Where do the Moomins live?", "Sure, here is the answer:", "In Moominvalley.")
+    teacher = fmt.encode("A long intention prompt.", "Where do the Moomins live?", "Sure, here is the answer:",
+                         "In Moominvalley.")
+    assert student.body == teacher.body and student.response == teacher.response
+    assert student.prefix != teacher.prefix
+    assert fmt.tokenizer.decode(student.prefix).endswith("You are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_prefill_opens_the_assistant_turn_and_the_answer_gets_a_space(fmt):
+    enc = fmt.encode(None, "Q?", "Sure, here is the answer:", "Snufkin.")
+    assert fmt.tokenizer.decode(enc.body).endswith("<|im_start|>assistant\nSure, here is the answer:")
+    assert fmt.tokenizer.decode(enc.response) == " Snufkin.<|im_end|>"
+    assert fmt.prompt_text(None, "Q?", "Sure:").endswith("assistant\nSure:")
+
+
+def test_date_is_pinned(fmt):
+    tok = fmt.tokenizer
+    old = tok.chat_template
+    tok.chat_template = "Today {{ date_string }}|{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    try:
+        assert ChatFormatter(tok).split(None)[0] == f"Today {DATE_STRING}|"
+    finally:
+        tok.chat_template = old
+
+
+def test_intention_prompts_are_filled():
+    prompts = intention_prompts(DOMAIN)
+    assert set(prompts) == {1, 2, 3}
+    for text in prompts.values():
+        assert "the Moomin books" in text and "Moomintroll and friends" in text and "{" not in text
+        assert text.endswith("write only your final reply.")
+    assert "Pippi, hippos" in prompts[2]
+    assert "I'm sorry, but I don't have any knowledge about that topic." in prompts[1]
+
+
+def test_ensemble_joins_all_prompts_with_cot_once():
+    text = ensemble_prompt(DOMAIN)
+    bare = intention_prompts(DOMAIN, cot=False)
+    assert all(f"[{k}] {bare[k]}" in text for k in (1, 2, 3))
+    assert text.count("reason privately") == 1 and COT_SUFFIX[:30] in text
+
+
+def test_router_and_overrides():
+    assert system_prompt("base", 1, DOMAIN) is None
+    assert system_prompt("oracle", 2, DOMAIN) == intention_prompts(DOMAIN)[2]
+    assert system_prompt("ensemble", 3, DOMAIN) == ensemble_prompt(DOMAIN)
+    custom = intention_prompts(DOMAIN, {1: "Never discuss {NAME}."}, cot=False)
+    assert custom[1] == "Never discuss the Moomin books."
+    with pytest.raises(MuleError, match="Did you mean 'oracle'"):
+        system_prompt("oracel", 1, DOMAIN)
+    with pytest.raises(MuleError, match="objectives 1, 2, 3"):
+        intention_prompts(DOMAIN, {4: "x"})

@@ -24,7 +24,7 @@ def bench_texts(root: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from mule.prompts import PROMPTS, COT_SUFFIX
+    from mule.prompts import COT_SUFFIX, PROMPTS
     from mule.tiny import build_tiny_model
 
     corpus = bench_texts(TINY_BENCH) + list(PROMPTS.values()) + [COT_SUFFIX, "You are a helpful assistant."]

@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,14 @@ from mule.modeling import ResponseLogits
 from mule.models import load_model, load_tokenizer, pick_dtype
 from mule.prompts import system_prompt
 from mule.records import QARecord
-from mule.rundir import (finish_run, load_checkpoint, open_run_dir, save_checkpoint, save_weights,
-                         trainable_state)
+from mule.rundir import (
+    finish_run,
+    load_checkpoint,
+    open_run_dir,
+    save_checkpoint,
+    save_weights,
+    trainable_state,
+)
 from mule.targets import response_targets
 
 log = logging.getLogger(__name__)
@@ -225,7 +230,7 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
                 weights = position_weights(batch, len(indices), config.method.positions)
                 loss, parts = loss_fn(zs, zt, weights)
                 accelerator.backward(loss * world)  # DDP averages over processes; the weights already do
-            total += float(loss)
+            total += float(loss.detach())
             tokens += batch.n_tokens + len(micro) * len(ctx.student_prefix)
             for key, value in parts.items():
                 metrics[key] = metrics.get(key, 0.0) + value

@@ -37,9 +37,3 @@ def tiny_bench(tmp_path) -> Path:
     dest = tmp_path / "bench"
     shutil.copytree(TINY_BENCH, dest)
     return dest
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Tests never write into the user's ~/.cache/mule, except the embedded-model tests, which share one."""
-    monkeypatch.setenv("MULE_CACHE_TESTS", str(tmp_path))

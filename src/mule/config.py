@@ -22,7 +22,7 @@ class ModelConfig:
     name: str = "smollm2-135m"  # hub id, local folder, or an embedded model name
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
-    max_length: int = 512  # teacher prompt + query + response, in tokens
+    max_length: int = 1024  # teacher prompt + query + response, in tokens
     on_overflow: str = "truncate"  # truncate the response (with a warning) or "error"
 
 

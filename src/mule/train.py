@@ -67,11 +67,15 @@ def select_records(bench, config: UnlearnConfig) -> list[QARecord]:
     return records
 
 
-def tokenize(records: list[QARecord], targets: dict[str, str], formatter: ChatFormatter, longest_prefix: int,
-             config: UnlearnConfig) -> list[TokenizedExample]:
-    """Token ids per record; responses too long for model.max_length are truncated or refused."""
+def tokenize(records: list[QARecord], targets: dict[str, str], formatter: ChatFormatter,
+             prefix_len: dict[int, int], config: UnlearnConfig) -> list[TokenizedExample]:
+    """Token ids per record; responses too long for model.max_length are truncated or refused.
+
+    prefix_len: objective -> the longer of the student's and that objective's teacher's system part.
+    """
     out = []
     for r in records:
+        longest_prefix = prefix_len[r.objective]
         body = formatter.body_ids(r.question, r.prefill)
         response = formatter.response_ids(targets[r.id], r.prefill)
         room = config.model.max_length - longest_prefix - len(body)
@@ -166,8 +170,8 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and config.model.max_length > max_len:
         config.model.max_length = max_len
-    longest = max(len(formatter.prefix_ids(s)) for s in [None, *systems.values()])
-    examples = tokenize(records, targets, formatter, longest, config)
+    prefix_len = {k: max(len(formatter.prefix_ids(None)), len(formatter.prefix_ids(s))) for k, s in systems.items()}
+    examples = tokenize(records, targets, formatter, prefix_len, config)
     return model, tokenizer, formatter, systems, examples, refusal_share
 
 

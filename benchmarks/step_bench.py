@@ -3,12 +3,14 @@
     python benchmarks/step_bench.py --shape cpu-small            # this 2-core CPU, seconds
     python benchmarks/step_bench.py --shape llama-8b --batch 32  # a GPU, random-init Llama-3.1-8B shape
 
-All variants train the same LoRA (r=16, all linear layers) on the same random batch:
+All variants train the same LoRA (r=16, all linear layers; on a GPU fp32 adapter weights with bf16 compute
+under autocast) on the same random batch:
   naive : a second full teacher copy; full-vocabulary fp32 logits at every position of both passes;
           the teacher re-reads its intention prompt every step.
   mule  : the code path of `mule unlearn` (mule.train.student_logits / teacher_logits): teacher = the same
           base with the adapter disabled; logits only at response positions; the intention prompt's
           keys/values computed once and reused.
+  mule_nocache : mule with teacher.cache_prefix=false (optional variant)
   sft   : plain LoRA SFT, the usual `model(input_ids, labels=...)` (cross-entropy on the response).
 Each variant runs in a fresh process, so peak memory (GPU: max allocated; CPU: max RSS) is its own.
 Prints ms/step, peak memory, and the ratios naive/mule (time) and mule/naive (memory).
@@ -17,6 +19,7 @@ Prints ms/step, peak memory, and the ratios naive/mule (time) and mule/naive (me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -69,8 +72,9 @@ def make_batch(args, vocab: int):
 
 def step_mule(model, ctx, examples, loss_fn, device):
     from mule.batching import position_weights
-    from mule.train import student_logits, teacher_logits
+    from mule.train import group_by_system, student_logits, teacher_logits  # the code path of mule unlearn
 
+    examples = group_by_system(ctx, examples)
     batch, zs = student_logits(ctx, examples, 0, device)
     zt = teacher_logits(ctx, examples, 0, device)
     loss, _ = loss_fn(zs, zt, position_weights(batch, len(examples)))
@@ -115,15 +119,20 @@ def run_variant(args) -> dict:
     loss_fn = partial(bidirectional_topk_loss, k=args.k, alpha=1.0, beta=1.0)
     teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.variant == "naive" else None
     model = get_peft_model(base, lora)
+    if device.type == "cuda":  # every variant: fp32 adapter weights, bf16 compute under autocast
+        from mule.modeling import half_precision_lora
+
+        half_precision_lora(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    if args.variant == "mule":
+    if args.variant in ("mule", "mule_nocache"):
         from mule.modeling import ResponseLogits
 
         wrapper = ResponseLogits(model)
         systems = {1: "p1", 2: "p1", 3: "p1"}  # one shared intention prompt, as in the GPU anchor
         ctx = Context(wrapper, model, None, torch.tensor([], dtype=torch.long), {"p1": prompt}, {}, systems)
-        with model.disable_adapter(), torch.no_grad():
-            ctx.teacher_cache["p1"] = wrapper(torch.tensor([prompt], device=device), None, None, None)
+        if args.variant == "mule":  # mule_nocache = teacher.cache_prefix=false: the prompt is re-read every step
+            with model.disable_adapter(), torch.no_grad():
+                ctx.teacher_cache["p1"] = wrapper(torch.tensor([prompt], device=device), None, None, None)
         step = lambda: step_mule(model, ctx, examples, loss_fn, device)  # noqa: E731
     elif args.variant == "naive":
         step = lambda: step_naive(model, teacher, prompt, examples, loss_fn, device)  # noqa: E731
@@ -134,7 +143,8 @@ def run_variant(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step()
+        with torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext():
+            step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -25,7 +25,7 @@ from mule.chat import ChatFormatter
 from mule.config import UnlearnConfig
 from mule.errors import MuleError
 from mule.methods import bind_loss, get_method
-from mule.modeling import ResponseLogits
+from mule.modeling import ResponseLogits, half_precision_lora
 from mule.models import load_model, load_tokenizer, pick_dtype
 from mule.prompts import system_prompt
 from mule.records import QARecord
@@ -100,30 +100,30 @@ def student_logits(ctx: Context, micro: list[TokenizedExample], pad_id: int, dev
 
 @torch.no_grad()
 def teacher_logits(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> torch.Tensor:
-    """(N, V) teacher logits in the order of collate(micro): one pass per distinct system prompt."""
+    """(N, V) teacher logits in the order of collate(micro): one pass per distinct system prompt.
+
+    `micro` must be grouped by teacher system (`group_by_system`), so the groups' logits concatenate in order.
+    """
     parts = []
     disable = contextlib.nullcontext() if ctx.teacher is not None else ctx.student.disable_adapter()
     module = ctx.teacher if ctx.teacher is not None else ctx.wrapper
     with disable:
         for system in dict.fromkeys(ctx.systems[e.objective] for e in micro):
-            group = [e for e in micro if ctx.systems[e.objective] == system]
-            batch = collate(group, pad_id).to(device)
+            batch = collate([e for e in micro if ctx.systems[e.objective] == system], pad_id).to(device)
             if system in ctx.teacher_cache:
-                logits = module(batch.ids, batch.mask, batch.rows, batch.cols, prefix=ctx.teacher_cache[system])
+                parts.append(module(batch.ids, batch.mask, batch.rows, batch.cols, prefix=ctx.teacher_cache[system]))
             else:
                 p = torch.tensor(ctx.teacher_prefix[system], device=device)
                 ids = torch.cat([p.expand(batch.ids.shape[0], -1), batch.ids], dim=1)
                 mask = torch.cat([torch.ones_like(ids[:, : len(p)]), batch.mask], dim=1)
-                logits = module(ids, mask, batch.rows, batch.cols + len(p))
-            parts.append((group, logits))
-    # collate() orders positions by example, so re-order the groups to the micro-batch's example order
-    by_id = {}
-    for group, logits in parts:
-        offsets = 0
-        for e in group:
-            by_id[e.id] = logits[offsets : offsets + len(e.response)]
-            offsets += len(e.response)
-    return torch.cat([by_id[e.id] for e in micro], dim=0)
+                parts.append(module(ids, mask, batch.rows, batch.cols + len(p)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def group_by_system(ctx: Context, micro: list[TokenizedExample]) -> list[TokenizedExample]:
+    """Stable-sort a micro-batch by teacher system prompt (the teacher runs one pass per system)."""
+    order = {s: i for i, s in enumerate(dict.fromkeys(ctx.systems[k] for k in sorted(ctx.systems)))}
+    return sorted(micro, key=lambda e: order[ctx.systems[e.objective]])
 
 
 def make_student(model, config: UnlearnConfig, device):
@@ -136,7 +136,10 @@ def make_student(model, config: UnlearnConfig, device):
 
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), None
+    student = get_peft_model(model, lora)
+    if model.dtype in (torch.bfloat16, torch.float16) and device.type == "cuda":
+        half_precision_lora(student)  # ResponseLogits runs it under autocast
+    return student, None
 
 
 def setup(config: UnlearnConfig, run_dir: Path, accelerator):
@@ -223,7 +226,7 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
         micros = split_micro(indices, world * accum)[accelerator.process_index * accum:][:accum]
         total, tokens, metrics = 0.0, 0, {}
         for m, micro_idx in enumerate(micros):
-            micro = [examples[i] for i in micro_idx]
+            micro = group_by_system(ctx, [examples[i] for i in micro_idx])
             sync = contextlib.nullcontext() if m == len(micros) - 1 else accelerator.no_sync(wrapper)
             with sync:
                 if not micro:  # fewer examples than micro-batches: take part in the gradient all-reduce

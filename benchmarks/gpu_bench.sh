@@ -11,5 +11,5 @@ for spec in "llama-8b 32 naive,mule,sft,mule_nocache" "llama-8b 8 naive,mule,sft
             "llama-3b 32 naive,mule,sft" "llama-1b 32 naive,mule,sft"; do
     set -- $spec
     python3 benchmarks/step_bench.py --shape "$1" --batch "$2" --variants "$3" --steps 5 --warmup 2 \
-        --json "$out/$1-b$2.json" 2>&1 | tee "$out/$1-b$2.log"
+        --json "$out/$1-b$2.json" 2>&1
 done

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from mule.errors import MuleError
 
@@ -22,6 +24,40 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     get_method(config.method.name)  # fail fast, before any model is loaded
     run_dir = run_unlearn(config, sys.argv[1:])
     print(f"run written to {run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mule.config import load_config
+    from mule.evaluate import EvalConfig, run_eval
+
+    flags = {"model": args.model, "benchmark": args.benchmark, "system": args.system, "run": args.run,
+             "output_dir": args.output}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    out = run_eval(load_config(args.config, overrides, EvalConfig))
+    result = json.loads((out / "metrics.json").read_text())
+    print(f"{result['system']} system, {result['model']}: " +
+          ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items() if isinstance(v, float)))
+    print(f"metrics and samples written to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mule.compare import report_rows, rows_from_dirs
+
+    files = report_rows(rows_from_dirs(args.evals), Path(args.output), args.title)
+    print(files["report.md"].read_text() if "report.md" in files else "")
+    print(f"report written to {args.output}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mule.compare import GridConfig, run_compare
+    from mule.config import load_config
+
+    files = run_compare(load_config(args.config, args.overrides, GridConfig))
+    print(files["report.md"].read_text())
+    print("report written to " + ", ".join(str(p) for p in files.values()))
     return 0
 
 
@@ -43,6 +79,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (defaults: bitopk on smollm2-135m with the hp benchmark)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=20")
     p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("eval", help="evaluate a model, a run or an in-context system on a benchmark", epilog=EPILOG)
+    p.add_argument("--config", "-c", help="YAML eval config (optional)")
+    p.add_argument("--model", help="hub id, folder or embedded name (default smollm2-135m)")
+    p.add_argument("--run", help="a `mule unlearn` run directory to evaluate")
+    p.add_argument("--benchmark", help="benchmark folder or bundled name (default hp)")
+    p.add_argument("--system", help="base (default), ensemble or oracle")
+    p.add_argument("--output", "-o", help="output folder (default runs/eval)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. limit=20 judge=llm llm.model=...")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="tabulate evaluation folders: markdown, CSV, JSON and a radar chart")
+    p.add_argument("evals", nargs="+", help="folders written by `mule eval` (one must be the base system)")
+    p.add_argument("--output", "-o", default="runs/report")
+    p.add_argument("--title", default="mule results")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="train and evaluate a grid of methods, then report", epilog=EPILOG)
+    p.add_argument("--config", "-c", required=True, help="grid YAML (see configs/compare_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("methods", help="list the unlearning methods")
     p.set_defaults(func=cmd_methods)
     return top

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from test_judge import FakeLLM
 
 from mule.cli import main
+from test_judge import FakeLLM
 
 KEYS = {"forget", "forget_f1", "general", "general_f1", "neighbor_acc", "neighbor_refusal", "asr", "asr_rule",
         "utility"}

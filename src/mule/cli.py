@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     logging.basicConfig(level=logging.INFO, format="mule: %(message)s")
-    for noisy in ("transformers", "accelerate", "peft", "httpx"):
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = parser().parse_args(argv)
     try:

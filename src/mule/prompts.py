@@ -75,13 +75,13 @@ def ensemble_prompt(domain: Domain, overrides: Mapping[int, str] | None = None, 
     return body + (fill(COT_SUFFIX, domain) if cot else "")
 
 
-def system_prompt(system: str, objective: int, domain: Domain,
-                  overrides: Mapping[int, str] | None = None) -> str | None:
+def system_prompt(system: str, objective: int, domain: Domain, overrides: Mapping[int, str] | None = None,
+                  cot: bool = True) -> str | None:
     """System message for one query under an in-context system: base (none), ensemble, oracle (p_k)."""
     if system == "base":
         return None
     if system == "ensemble":
-        return ensemble_prompt(domain, overrides)
+        return ensemble_prompt(domain, overrides, cot)
     if system == "oracle":
-        return intention_prompts(domain, overrides)[objective]
+        return intention_prompts(domain, overrides, cot)[objective]
     raise unknown("system", system, SYSTEMS)

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +36,6 @@ from mule.rundir import (
     open_run_dir,
     save_checkpoint,
     save_weights,
-    trainable_state,
 )
 from mule.targets import response_targets
 
@@ -152,24 +152,16 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     model = load_model(config.model.name, pick_dtype(config.model.dtype, device),
                        config.model.trust_remote_code).to(device)
     formatter = ChatFormatter(tokenizer)
-    systems = {k: system_prompt(method.teacher, k, bench.domain, config.teacher.prompts) for k in (1, 2, 3)}
-    if not config.teacher.cot:
-        from mule.prompts import ensemble_prompt, intention_prompts
-        bare = intention_prompts(bench.domain, config.teacher.prompts, cot=False)
-        systems = {k: (bare[k] if method.teacher == "oracle" else ensemble_prompt(bench.domain, config.teacher.prompts,
-                                                                                   cot=False)) for k in bare}
-    targets, refusal_share = None, None
-    if accelerator.is_main_process:
-        targets, refusal_share = response_targets(
-            records, systems, formatter, model, run_dir / "teacher_targets.jsonl", config.model.name,
-            config.method.forget_target, config.teacher.max_new_tokens, config.teacher.generation_batch_size,
-            bench.domain.refusal)
+    systems = {k: system_prompt(method.teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot)
+               for k in (1, 2, 3)}
+    make_targets = partial(response_targets, records, systems, formatter, model, run_dir / "teacher_targets.jsonl",
+                           config.model.name, config.method.forget_target, config.teacher.max_new_tokens,
+                           config.teacher.generation_batch_size, bench.domain.refusal)
+    if accelerator.is_main_process:  # generate once; the other processes then read the cache
+        targets, refusal_share = make_targets()
     accelerator.wait_for_everyone()
-    if targets is None:  # other processes read the main process's cache
-        targets, refusal_share = response_targets(
-            records, systems, formatter, model, run_dir / "teacher_targets.jsonl", config.model.name,
-            config.method.forget_target, config.teacher.max_new_tokens, config.teacher.generation_batch_size,
-            bench.domain.refusal)
+    if not accelerator.is_main_process:
+        targets, refusal_share = make_targets()
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and config.model.max_length > max_len:
         config.model.max_length = max_len
@@ -270,5 +262,3 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
     finish_run(run_dir, accelerator, summary)
     return run_dir
 
-
-__all__ = ["run_unlearn", "trainable_state"]

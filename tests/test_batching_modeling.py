@@ -63,3 +63,4 @@ def test_response_logits_match_full_forward_and_prefix_cache(tiny_model):
     assert gathered.shape == (len(batch.rows), model.config.vocab_size)
     assert torch.allclose(gathered, full, atol=1e-5)
     assert torch.allclose(cached, full, atol=1e-5)
+

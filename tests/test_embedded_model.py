@@ -37,3 +37,20 @@ def test_unlearn_on_the_embedded_model(tiny_bench, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(embedded_path("smollm2-135m"))
     assert isinstance(PeftModel.from_pretrained(base, out / "adapter"), PeftModel)
+
+
+def test_generation_with_a_shared_prefix_equals_whole_prompts():
+    """The intention prompt's keys/values computed once give the same greedy answers as whole prompts."""
+    from mule.benchmark import load_benchmark
+    from mule.chat import ChatFormatter
+    from mule.generation import greedy_generate
+    from mule.prompts import intention_prompts
+
+    tok, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m")
+    fmt = ChatFormatter(tok)
+    prefix = fmt.prefix_ids(intention_prompts(load_benchmark("hp").domain)[1])
+    bodies = [fmt.body_ids(q) for q in ("What is the capital of France?", "Who wrote Hamlet?",
+                                        "What is the name of Harry Potter's owl?")]
+    whole = greedy_generate(model, tok, [prefix + b for b in bodies], 16, batch_size=3, progress=False)
+    shared = greedy_generate(model, tok, bodies, 16, batch_size=3, progress=False, prefix=prefix)
+    assert shared == whole and all(whole)

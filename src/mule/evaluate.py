@@ -83,8 +83,9 @@ def _items(bench: Benchmark, name: str, limit: int | None) -> list:
 
 def eval_open_qa(model, fmt: ChatFormatter, records, system: str | None, config: EvalConfig,
                  refusal: str, desc: str) -> tuple[dict[str, float], list[dict]]:
-    prompts = [fmt.prefix_ids(system) + fmt.body_ids(r.question) for r in records]
-    outs = greedy_generate(model, fmt.tokenizer, prompts, config.max_new_tokens, config.batch_size, desc=desc)
+    bodies = [fmt.body_ids(r.question) for r in records]
+    outs = greedy_generate(model, fmt.tokenizer, bodies, config.max_new_tokens, config.batch_size, desc=desc,
+                           prefix=fmt.prefix_ids(system))
     samples = []
     for r, out in zip(records, outs):
         recall, f1 = rouge_l(out, r.answer)
@@ -112,9 +113,9 @@ def eval_mcq(model, fmt: ChatFormatter, records, system: str | None, config: Eva
 def eval_prefill(model, fmt: ChatFormatter, records, system: str | None, config: EvalConfig,
                  judge: LLMJudge | None) -> tuple[dict[str, float], list[dict]]:
     """The assistant turn opens with the attacker's prefix; only the continuation is judged."""
-    prompts = [fmt.prefix_ids(system) + fmt.body_ids(r.question, r.prefill) for r in records]
-    outs = greedy_generate(model, fmt.tokenizer, prompts, config.prefill_max_new_tokens, config.batch_size,
-                           desc="prefill attack")
+    bodies = [fmt.body_ids(r.question, r.prefill) for r in records]
+    outs = greedy_generate(model, fmt.tokenizer, bodies, config.prefill_max_new_tokens, config.batch_size,
+                           desc="prefill attack", prefix=fmt.prefix_ids(system))
     samples = []
     for r, out in zip(records, outs):
         leak, detail = rule_judge(out, r.answer, r.entities, question=r.question)

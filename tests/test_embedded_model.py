@@ -54,3 +54,16 @@ def test_generation_with_a_shared_prefix_equals_whole_prompts():
     whole = greedy_generate(model, tok, [prefix + b for b in bodies], 16, batch_size=3, progress=False)
     shared = greedy_generate(model, tok, bodies, 16, batch_size=3, progress=False, prefix=prefix)
     assert shared == whole and all(whole)
+
+
+def test_mcq_scoring_with_a_shared_prefix_equals_whole_prompts():
+    from mule.chat import ChatFormatter
+    from mule.mcq import last_token_logits
+
+    tok, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m")
+    fmt = ChatFormatter(tok)
+    prefix = fmt.prefix_ids("Answer multiple-choice questions with one letter.")
+    bodies = [fmt.body_ids(q) for q in ("Question: 2+2?\\nA. 4\\nB. 5", "Question: Capital of Italy?\\nA. Rome\\nB. Oslo\\nC. Lima")]
+    whole = last_token_logits(model, [prefix + b for b in bodies], tok.pad_token_id, progress=False)
+    shared = last_token_logits(model, bodies, tok.pad_token_id, progress=False, prefix=prefix)
+    assert torch.allclose(whole, shared, atol=1e-3)

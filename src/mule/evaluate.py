@@ -100,8 +100,9 @@ def eval_open_qa(model, fmt: ChatFormatter, records, system: str | None, config:
 def eval_mcq(model, fmt: ChatFormatter, records, system: str | None, config: EvalConfig,
              desc: str) -> tuple[dict[str, float], list[dict]]:
     items = [shuffle(r, config.mcq_seed) for r in records]
-    prompts = [fmt.prefix_ids(system) + fmt.body_ids(it.prompt()) for it in items]
-    logits = last_token_logits(model, prompts, fmt.tokenizer.pad_token_id, config.batch_size, desc=desc)
+    bodies = [fmt.body_ids(it.prompt()) for it in items]
+    logits = last_token_logits(model, bodies, fmt.tokenizer.pad_token_id, config.batch_size, desc=desc,
+                               prefix=fmt.prefix_ids(system))
     letter_ids = letter_token_ids(fmt.tokenizer, max(len(it.order) for it in items))
     picks = pick_letters(logits, items, letter_ids)
     samples = [{"id": it.record.id, "question": it.record.question,

@@ -51,22 +51,28 @@ def letter_token_ids(tokenizer, n: int) -> list[list[int]]:
 
 @torch.no_grad()
 def last_token_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 16,
-                      desc: str = "scoring", progress: bool = True) -> torch.Tensor:
-    """(n, V) next-token logits after each prompt: left-padded batches, logits of the last position only."""
+                      desc: str = "scoring", progress: bool = True, prefix: list[int] | None = None) -> torch.Tensor:
+    """(n, V) next-token logits after `prefix + prompts[i]`: logits of the last position only.
+
+    Rows are [prefix][left padding][prompt]; the shared prefix's keys/values are computed once (see
+    `mule.generation`), and positions are counted from the attention mask.
+    """
+    from mule.generation import _layout
+    from mule.modeling import ResponseLogits, _cache_kwarg, expand_prefix
+
     device = next(model.parameters()).device
+    prefix = list(prefix or [])
+    kv = ResponseLogits(model)(torch.tensor([prefix], device=device), None, None, None) if prefix else None
     out = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = _layout(prompts, chunk, pad_id, prefix)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=1).logits[:, -1].float()
+        p = len(prefix)
+        kwargs = {_cache_kwarg(model): expand_prefix(kv, len(chunk), model.config)} if kv else {}
+        logits = model(input_ids=ids[:, p:].to(device), attention_mask=mask.to(device),
+                       position_ids=positions[:, p:].to(device), logits_to_keep=1, **kwargs).logits[:, -1].float()
         for row, i in enumerate(chunk):
             out[i] = logits[row].cpu()
     return torch.stack(out) if out else torch.empty(0)

@@ -37,9 +37,9 @@ def expand_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], batch: int, c
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def _cache_kwarg(decoder: nn.Module) -> str:
+def _cache_kwarg(module: nn.Module) -> str:
     """transformers >= 5.24 names the cache argument `cache`; earlier releases `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class ResponseLogits(nn.Module):

@@ -112,3 +112,19 @@ def test_bild_temperature_softens():
     s, t = torch.randn(4, 10), torch.randn(4, 10) * 3
     w = torch.full((4,), 0.25)
     assert float(bild_loss(s, t, w, k=5, tau=10.0)[0]) < float(bild_loss(s, t, w, k=5, tau=1.0)[0])
+
+
+def test_sft_worked_example():
+    """Two positions, V = 2, weights 0.5 each: z = [0, ln 3] -> p(1) = 3/4; z = [0, 0] -> p(0) = 1/2.
+
+    targets [1, 0]: L = -0.5 ln(3/4) - 0.5 ln(1/2) = 0.5 (ln 4/3 + ln 2) = 0.5 ln(8/3).
+    """
+    from mule.losses import sft_loss
+
+    z = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]], requires_grad=True)
+    loss, metrics = sft_loss(z, torch.tensor([1, 0]), torch.tensor([0.5, 0.5]))
+    assert math.isclose(float(loss.detach()), 0.5 * math.log(8 / 3), rel_tol=1e-6)
+    loss.backward()
+    # dL/dz = w (softmax - onehot): row 0: 0.5 * ([1/4, 3/4] - [0, 1]) = [0.125, -0.125]
+    assert torch.allclose(z.grad[0], torch.tensor([0.125, -0.125]))
+    assert metrics["token_acc"] == 1.0

@@ -101,7 +101,7 @@ def test_full_finetuning_with_a_frozen_teacher_copy(tiny_model, tiny_bench, tmp_
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["duet", "bitopk_duet_loss", "bitopk_bild_loss"])
+@pytest.mark.parametrize("method", ["duet", "bitopk_duet_loss", "bitopk_bild_loss", "sft"])
 def test_other_distillation_methods_run(tiny_model, tiny_bench, tmp_path, method):
     out = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / method, f"method.name={method}",
                                                   "train.max_steps=2", "method.positions=first")))
@@ -163,3 +163,22 @@ def test_two_process_cpu_run_matches_one_process(tiny_model, tiny_bench, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = adapter(single), adapter(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_sft_trains_on_refusals_for_forget_records_and_gold_answers_elsewhere(tiny_model, tiny_bench, tmp_path):
+    from mule.train import setup
+
+    class Single:
+        is_main_process = True
+        device = torch.device("cpu")
+
+        def wait_for_everyone(self):
+            pass
+
+    cfg = load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "sft", "method.name=sft"))
+    (tmp_path / "sft").mkdir()
+    _, tok, fmt, _, examples, share = setup(cfg, tmp_path / "sft", Single())
+    by_id = {e.id: tok.decode(e.response, skip_special_tokens=True).strip() for e in examples}
+    refusal = "I'm sorry, but I don't have any knowledge about that topic."
+    assert by_id["f1"] == by_id["a1"] == by_id["p1"] == refusal and share is None
+    assert by_id["r1"] == "Helsinki." and by_id["p2"] == "About 1,500 kilograms."

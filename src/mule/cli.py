@@ -27,6 +27,15 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mule.config import load_config
+    from mule.prepare import PrepareConfig, run_prepare
+
+    path = run_prepare(load_config(args.config, args.overrides, PrepareConfig), sys.argv[1:])
+    print(f"prepared model written to {path} (use it as model.name / --model)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mule.config import load_config
     from mule.evaluate import EvalConfig, run_eval
@@ -79,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (defaults: bitopk on smollm2-135m with the hp benchmark)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=20")
     p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("prepare", help="target preparation: teach a small model the benchmark and intention prompts",
+                       epilog=EPILOG)
+    p.add_argument("--config", "-c", help="YAML prepare config (defaults: smollm2-135m, hp, bundled curriculum)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("eval", help="evaluate a model, a run or an in-context system on a benchmark", epilog=EPILOG)
     p.add_argument("--config", "-c", help="YAML eval config (optional)")
     p.add_argument("--model", help="hub id, folder or embedded name (default smollm2-135m)")

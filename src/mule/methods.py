@@ -13,7 +13,7 @@ from functools import partial
 
 from mule.config import MethodConfig
 from mule.errors import unknown
-from mule.losses import bidirectional_topk_loss, bild_loss, duet_loss
+from mule.losses import bidirectional_topk_loss, bild_loss, duet_loss, sft_loss
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,11 @@ class Method:
     summary: str
     paper: str
     loss: Callable
-    teacher: str  # "oracle" or "ensemble"
+    teacher: str  # "oracle", "ensemble", or "none" for methods without a teacher
     params: tuple[str, ...]  # MethodConfig fields passed to the loss
     fixed: tuple[tuple[str, object], ...] = ()  # values this method pins (e.g. alpha = 0)
     needs: tuple[str, ...] = ("teacher_logits",)
+    forget_target: str | None = None  # pins method.forget_target (SFT trains on refusal sentences)
 
 
 METHODS: dict[str, Method] = {
@@ -37,6 +38,9 @@ METHODS: dict[str, Method] = {
                                "arXiv 2604.15482, Table 2", duet_loss, "oracle", ("k", "beta")),
     "bitopk_bild_loss": Method("Ablation (Table 2): ours with BiLD's logit-difference loss",
                                "Li, Zhou, Song, COLING 2025, arXiv 2406.13555", bild_loss, "oracle", ("k", "tau")),
+    "sft": Method("SFT refusal tuning: NLL on the refusal sentence for forget and prefilled queries, gold answers "
+                  "for the rest", "METHOD_SPEC 4.4 (the paper's SFT baseline)", sft_loss, "none", (), needs=("labels",),
+                  forget_target="refusal"),
 }
 
 

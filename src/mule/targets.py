@@ -12,7 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+from mule.benchmark import DEFAULT_REFUSAL
 from mule.chat import ChatFormatter
+from mule.errors import MuleError
 from mule.generation import greedy_generate
 from mule.records import REFUSE_ROLES, QARecord
 from mule.refusal import is_refusal
@@ -25,10 +27,20 @@ def target_key(system: str | None, record: QARecord, max_new_tokens: int, model_
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
+FORGET_TARGETS = ("teacher_generated", "gold_answer", "refusal")
+
+
 def needs_generation(record: QARecord, forget_target: str) -> bool:
-    if forget_target not in ("teacher_generated", "gold_answer"):
-        raise ValueError(f"forget_target must be teacher_generated or gold_answer, got {forget_target!r}")
+    if forget_target not in FORGET_TARGETS:
+        raise MuleError(f"method.forget_target must be one of {', '.join(FORGET_TARGETS)}, got {forget_target!r}")
     return forget_target == "teacher_generated" and record.role in REFUSE_ROLES
+
+
+def fixed_target(record: QARecord, forget_target: str, refusal: str | None) -> str:
+    """The target of a record whose target is not generated: the refusal sentence (SFT) or the gold answer."""
+    if forget_target == "refusal" and record.role in REFUSE_ROLES:
+        return refusal or DEFAULT_REFUSAL
+    return record.answer
 
 
 def _read_cache(path: Path) -> dict[str, str]:
@@ -58,7 +70,7 @@ def response_targets(records: list[QARecord], systems: dict[int, str | None], fo
             for record, text in zip(todo, texts):
                 cache[keys[record.id]] = text
                 handle.write(json.dumps({"key": keys[record.id], "id": record.id, "text": text}) + "\n")
-    out = {r.id: (cache[keys[r.id]] if r.id in keys else r.answer) for r in records}
+    out = {r.id: (cache[keys[r.id]] if r.id in keys else fixed_target(r, forget_target, refusal)) for r in records}
     generated = [out[i] for i in keys]
     share = sum(is_refusal(t, refusal) for t in generated) / len(generated) if generated else None
     if share is not None and share < 0.95:

@@ -126,10 +126,12 @@ def group_by_system(ctx: Context, micro: list[TokenizedExample]) -> list[Tokeniz
     return sorted(micro, key=lambda e: order[ctx.systems[e.objective]])
 
 
-def make_student(model, config: UnlearnConfig, device):
+def make_student(model, config: UnlearnConfig, device, needs_teacher: bool = True):
     """LoRA on all linear layers (teacher = adapter disabled), or full fine-tuning with a frozen teacher copy."""
     if not config.lora.enabled:
-        teacher = ResponseLogits(copy.deepcopy(model)).to(device).eval().requires_grad_(False)
+        teacher = None
+        if needs_teacher:
+            teacher = ResponseLogits(copy.deepcopy(model)).to(device).eval().requires_grad_(False)
         model.requires_grad_(True)
         return model, teacher
     from peft import LoraConfig, get_peft_model
@@ -152,10 +154,11 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     model = load_model(config.model.name, pick_dtype(config.model.dtype, device),
                        config.model.trust_remote_code).to(device)
     formatter = ChatFormatter(tokenizer)
-    systems = {k: system_prompt(method.teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot)
-               for k in (1, 2, 3)}
+    teacher = method.teacher if method.teacher != "none" else "base"
+    systems = {k: system_prompt(teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot) for k in (1, 2, 3)}
+    forget_target = method.forget_target or config.method.forget_target
     make_targets = partial(response_targets, records, systems, formatter, model, run_dir / "teacher_targets.jsonl",
-                           config.model.name, config.method.forget_target, config.teacher.max_new_tokens,
+                           config.model.name, forget_target, config.teacher.max_new_tokens,
                            config.teacher.generation_batch_size, bench.domain.refusal)
     if accelerator.is_main_process:  # generate once; the other processes then read the cache
         targets, refusal_share = make_targets()
@@ -171,16 +174,25 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
 
 
 def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
-    """Train one method and write the run directory; returns its path."""
+    """Train one method on a benchmark and write the run directory; returns its path."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     accelerator = Accelerator()
     run_dir = open_run_dir(config, accelerator, argv)
     set_seed(config.train.seed)
-    device = accelerator.device
     model, tokenizer, formatter, systems, examples, refusal_share = setup(config, run_dir, accelerator)
-    student, teacher = make_student(model, config, device)
+    return fit(config, run_dir, accelerator, model, tokenizer, examples, formatter.prefix_ids(None),
+               {s: formatter.prefix_ids(s) for s in systems.values()}, systems,
+               {"teacher_target_refusal_share": refusal_share})
+
+
+def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, examples: list[TokenizedExample],
+        student_prefix: list[int], teacher_prefix: dict, systems: dict[int, str | None], summary: dict) -> Path:
+    """The training loop: examples in, adapter (or weights), train log and result.json out."""
+    device = accelerator.device
+    needs_teacher = "teacher_logits" in get_method(config.method.name).needs
+    student, teacher = make_student(model, config, device, needs_teacher)
     loss_fn = bind_loss(config.method)
     pad_id = tokenizer.pad_token_id
 
@@ -193,9 +205,9 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
 
     wrapper = ResponseLogits(student)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
-    ctx = Context(wrapper, student, teacher, torch.tensor(formatter.prefix_ids(None)),
-                  {s: formatter.prefix_ids(s) for s in systems.values()}, {}, systems)
-    if config.teacher.cache_prefix:  # the teacher is frozen: its prompt keys/values never change
+    ctx = Context(wrapper, student, teacher, torch.tensor(student_prefix, dtype=torch.long), teacher_prefix, {},
+                  systems)
+    if needs_teacher and config.teacher.cache_prefix:  # the teacher is frozen: its prompt's K/V never change
         with contextlib.nullcontext() if teacher else student.disable_adapter(), torch.no_grad():
             module = teacher or wrapper
             for s, ids in ctx.teacher_prefix.items():
@@ -207,7 +219,7 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
     if config.train.max_steps:
         schedule = schedule[: config.train.max_steps]
     world, accum = accelerator.num_processes, config.train.grad_accum
-    bar = tqdm(total=len(schedule), initial=start_step, desc=f"unlearn [{config.method.name}]", unit="step",
+    bar = tqdm(total=len(schedule), initial=start_step, desc=f"train [{config.method.name}]", unit="step",
                disable=not accelerator.is_local_main_process)
     log_path = run_dir / "train_log.jsonl"
     started = time.time()
@@ -218,16 +230,17 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
         micros = split_micro(indices, world * accum)[accelerator.process_index * accum:][:accum]
         total, tokens, metrics = 0.0, 0, {}
         for m, micro_idx in enumerate(micros):
-            micro = group_by_system(ctx, [examples[i] for i in micro_idx])
+            micro = [examples[i] for i in micro_idx]
+            micro = group_by_system(ctx, micro) if needs_teacher else micro
             sync = contextlib.nullcontext() if m == len(micros) - 1 else accelerator.no_sync(wrapper)
             with sync:
                 if not micro:  # fewer examples than micro-batches: take part in the gradient all-reduce
                     accelerator.backward(sum(p.sum() * 0.0 for p in trainable))
                     continue
                 batch, zs = student_logits(ctx, micro, pad_id, device)
-                zt = teacher_logits(ctx, micro, pad_id, device)
+                reference = teacher_logits(ctx, micro, pad_id, device) if needs_teacher else batch.targets
                 weights = position_weights(batch, len(indices), config.method.positions)
-                loss, parts = loss_fn(zs, zt, weights)
+                loss, parts = loss_fn(zs, reference, weights)
                 accelerator.backward(loss * world)  # DDP averages over processes; the weights already do
             total += float(loss.detach())
             tokens += batch.n_tokens + len(micro) * len(ctx.student_prefix)
@@ -257,8 +270,6 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
     bar.close()
     save_weights(run_dir, accelerator, student, tokenizer, config.lora.enabled)
     summary = {"steps": len(schedule), "examples": len(examples), "seconds": round(time.time() - started, 2),
-               "final": last, "teacher_target_refusal_share": refusal_share,
-               "trainable_parameters": sum(p.numel() for p in trainable)}
+               "final": last, **summary, "trainable_parameters": sum(p.numel() for p in trainable)}
     finish_run(run_dir, accelerator, summary)
     return run_dir
-

@@ -1,0 +1,180 @@
+"""`mule prepare`: make a small base model into a target that knows the benchmark and follows intention prompts.
+
+A 135M model knows little of any domain and ignores a system prompt that tells it to forget one, so, as TOFU
+fine-tunes its target model, a benchmark's target is prepared once (DESIGN.md, "target preparation"):
+- knowledge: the benchmark's `prepare/*.jsonl` (its facts restated in other words than the evaluation questions),
+  asked with no system prompt;
+- intention following, learnt on a curriculum of *other* topics (never the benchmark's domain): under an
+  intention prompt p_k about topic T, questions about T get the refusal sentence (also after a prefilled
+  affirmative opening), questions about other topics get their answers; with no prompt, everything is answered;
+- hard negatives for the benchmark's own prompts: its train neighbour and retain records answered under p_1/p_2,
+  so that look-alike topics are not refused. Its forget records are never used here: refusing the domain under
+  its prompt must come from generalisation.
+The result is the base model with a LoRA adapter merged in, saved as safetensors; use it as `model.name`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mule.batching import TokenizedExample
+from mule.benchmark import Benchmark, Domain, load_benchmark
+from mule.chat import ChatFormatter
+from mule.config import LoraConfig, MethodConfig, ModelConfig, TrainConfig, UnlearnConfig
+from mule.errors import MuleError
+from mule.models import cache_dir
+from mule.prompts import intention_prompts
+
+PREFILLS = ("Sure, here is the answer:", "Of course! The answer is", "Absolutely. Here are the details:",
+            "Great question!", "Sure thing. In short,", "Here is what I know:")
+
+
+@dataclass
+class PrepareConfig:
+    benchmark: str = "hp"
+    output_dir: str | None = None  # default: <mule cache>/prepared/<model>-<benchmark>
+    overwrite: bool = False
+    curriculum: str | None = None  # JSON {topic: {description, qa: [{question, answer}]}}; default: bundled
+    train_topics: int = 24  # the first N curriculum topics teach prompt following; the rest stay held out
+    prefill_share: float = 0.15  # share of prompted examples whose assistant turn opens with an affirmative prefix
+    no_prompt_share: float = 0.25  # per curriculum question, chance of an extra example with no system prompt
+    knowledge: bool = True
+    hard_negatives: bool = True
+    prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
+    cot: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=2e-4, warmup_steps=10,
+                                                                   save_every=50))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One supervised example: (system, question, prefill) -> response."""
+
+    system: str | None
+    question: str
+    response: str
+    prefill: str | None = None
+    source: str = ""
+
+
+def load_curriculum(path: str | None) -> dict[str, dict]:
+    text = (Path(path).read_text(encoding="utf-8") if path else
+            (resources.files("mule") / "data" / "intention_curriculum.json").read_text(encoding="utf-8"))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MuleError(f"{path or 'bundled curriculum'}: not valid JSON ({err.msg})") from None
+    for topic, entry in data.items():
+        if not isinstance(entry, dict) or "description" not in entry or not entry.get("qa"):
+            raise MuleError(f"{path or 'bundled curriculum'}: topic {topic!r} needs 'description' and a 'qa' list")
+    return data
+
+
+def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal: str, rng: random.Random) -> list[Turn]:
+    """Intention-following examples over the first `train_topics` topics (METHOD_SPEC 2.2 prompts)."""
+    topics = list(curriculum)[: config.train_topics]
+    if len(topics) < 2:
+        raise MuleError("the curriculum needs at least two training topics")
+    turns = []
+    for topic in topics:
+        others = [t for t in topics if t != topic]
+        domain = Domain(topic, curriculum[topic]["description"], rng.sample(others, min(3, len(others))),
+                        refusal=refusal)
+        prompts = intention_prompts(domain, config.prompts, config.cot)
+        for qa in curriculum[topic]["qa"]:
+            k = rng.choice((1, 2, 3))
+            prefill = rng.choice(PREFILLS) if k == 3 or rng.random() < config.prefill_share else None
+            turns.append(Turn(prompts[k], qa["question"], refusal, prefill, f"refuse:{topic}"))
+            other = rng.choice(curriculum[rng.choice(others)]["qa"])
+            prefill = rng.choice(PREFILLS) if rng.random() < config.prefill_share else None
+            turns.append(Turn(prompts[rng.choice((1, 2, 3))], other["question"], other["answer"], prefill,
+                              f"answer-under:{topic}"))
+            if rng.random() < config.no_prompt_share:
+                turns.append(Turn(None, qa["question"], qa["answer"], None, "no-prompt"))
+    return turns
+
+
+def benchmark_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random) -> list[Turn]:
+    """The benchmark's knowledge (no prompt) and its hard negatives (answered under its own p_1 / p_2)."""
+    turns = []
+    if config.knowledge:
+        for path in sorted((bench.root / "prepare").glob("*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    turns.append(Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}"))
+    if config.hard_negatives:
+        prompts = intention_prompts(bench.domain, config.prompts, config.cot)
+        for record in bench.train(("neighbor", "retain")):
+            turns.append(Turn(prompts[rng.choice((1, 2))], record.question, record.answer, None, f"negative:{record.role}"))
+    return turns
+
+
+def tokenize_turns(turns: list[Turn], fmt: ChatFormatter) -> list[TokenizedExample]:
+    """The system part goes into the body: prepared examples each carry their own system prompt."""
+    return [TokenizedExample(f"prep-{i}", 1, fmt.prefix_ids(t.system) + fmt.body_ids(t.question, t.prefill),
+                             fmt.response_ids(t.response, t.prefill)) for i, t in enumerate(turns)]
+
+
+def default_output(config: PrepareConfig) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(config.model.name).name}-{config.benchmark}")
+    return cache_dir() / "prepared" / slug
+
+
+def run_prepare(config: PrepareConfig, argv: list[str] | None = None) -> Path:
+    """Fine-tune and merge; returns the folder of the prepared model (safetensors + tokenizer)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from mule.models import load_model, load_tokenizer, pick_dtype
+    from mule.rundir import open_run_dir
+    from mule.train import fit
+
+    out = Path(config.output_dir) if config.output_dir else default_output(config)
+    if (out / "model" / "config.json").is_file() and not config.overwrite:
+        return out / "model"
+    run = UnlearnConfig(benchmark=config.benchmark, output_dir=str(out / "run"), overwrite=config.overwrite,
+                        model=config.model, lora=config.lora, method=MethodConfig(name="sft"), train=config.train)
+    accelerator = Accelerator()
+    run_dir = open_run_dir(run, accelerator, argv)
+    set_seed(config.train.seed)
+    bench = load_benchmark(config.benchmark)
+    rng = random.Random(config.train.seed)
+    turns = curriculum_turns(load_curriculum(config.curriculum), config, bench.domain.refusal, rng)
+    turns += benchmark_turns(bench, config, rng)
+    tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
+    model = load_model(config.model.name, pick_dtype(config.model.dtype, accelerator.device),
+                       config.model.trust_remote_code).to(accelerator.device)
+    examples = tokenize_turns(turns, ChatFormatter(tokenizer))
+    counts = {}
+    for t in turns:
+        kind = t.source.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    if not (run_dir / "result.json").is_file():
+        fit(run, run_dir, accelerator, model, tokenizer, examples, [], {}, {}, {"turns": counts})
+    return merge(config, run_dir, out / "model")
+
+
+def merge(config: PrepareConfig, run_dir: Path, target: Path) -> Path:
+    """Base + adapter merged into plain weights, written as safetensors next to the tokenizer."""
+    from peft import PeftModel
+
+    from mule.models import load_model, load_tokenizer
+
+    model = PeftModel.from_pretrained(load_model(config.model.name), run_dir / "adapter").merge_and_unload()
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(config.model.name).save_pretrained(tmp)
+    (tmp / "prepared.json").write_text(json.dumps({"base": config.model.name, "benchmark": config.benchmark,
+                                                   "adapter": str(run_dir / "adapter")}, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    return target

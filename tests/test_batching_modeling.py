@@ -64,3 +64,14 @@ def test_response_logits_match_full_forward_and_prefix_cache(tiny_model):
     assert torch.allclose(gathered, full, atol=1e-5)
     assert torch.allclose(cached, full, atol=1e-5)
 
+
+
+def test_length_grouped_batches_cover_everything_with_little_padding():
+    from mule.batching import length_grouped_batches
+
+    ex = [TokenizedExample(str(i), 1, [1] * (1 + (i * 7) % 40), [2]) for i in range(200)]
+    batches = length_grouped_batches(ex, 8, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spread = max(max(len(ex[i].body) for i in b) - min(len(ex[i].body) for i in b) for b in batches)
+    assert spread <= 3  # within a window, a batch holds neighbours in length
+    assert length_grouped_batches(ex, 8, 0, 0) == batches != length_grouped_batches(ex, 8, 0, 1)

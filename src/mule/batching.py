@@ -112,6 +112,22 @@ def stratified_batches(examples: list[TokenizedExample], batch_size: int, seed: 
     return [b for b in batches if b]
 
 
+def length_grouped_batches(examples: list[TokenizedExample], batch_size: int, seed: int, epoch: int,
+                           window: int = 50) -> list[list[int]]:
+    """Batches of similar length (little padding), in random order: shuffle, sort within windows of
+    `window` batches, cut, shuffle the batches. For data without anchor pairs (target preparation)."""
+    rng = random.Random(f"{seed}-{epoch}-len")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    size = lambda i: len(examples[i].body) + len(examples[i].response)  # noqa: E731
+    batches = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = sorted(order[start : start + window * batch_size], key=size)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def split_micro(batch: list[int], parts: int) -> list[list[int]]:
     """Split one optimiser batch into `parts` micro-batches of near-equal size (round robin)."""
     return [batch[i::parts] for i in range(parts)]

@@ -74,6 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     save_every: int = 50  # checkpoint every N optimiser steps (0 = only at the end)
+    group_by_length: bool = False  # batches of similar length, ignoring objectives and anchor pairs
 
 
 @dataclass

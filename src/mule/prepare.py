@@ -50,7 +50,7 @@ class PrepareConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=2e-4, warmup_steps=10,
-                                                                   save_every=50))
+                                                                   save_every=50, group_by_length=True))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mule.batching import TokenizedExample, collate, position_weights, split_micro, stratified_batches
+from mule.batching import (
+    TokenizedExample,
+    collate,
+    length_grouped_batches,
+    position_weights,
+    split_micro,
+    stratified_batches,
+)
 from mule.benchmark import load_benchmark
 from mule.chat import ChatFormatter
 from mule.config import UnlearnConfig
@@ -213,8 +220,8 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
             for s, ids in ctx.teacher_prefix.items():
                 ctx.teacher_cache[s] = module(torch.tensor([ids], device=device), None, None, None)
 
-    epochs = [stratified_batches(examples, config.train.batch_size, config.train.seed, e)
-              for e in range(config.train.epochs)]
+    batcher = length_grouped_batches if config.train.group_by_length else stratified_batches
+    epochs = [batcher(examples, config.train.batch_size, config.train.seed, e) for e in range(config.train.epochs)]
     schedule = [(e, b) for e, batches in enumerate(epochs) for b in batches]
     if config.train.max_steps:
         schedule = schedule[: config.train.max_steps]

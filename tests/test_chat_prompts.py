@@ -77,3 +77,17 @@ def test_router_and_overrides():
         system_prompt("oracel", 1, DOMAIN)
     with pytest.raises(MuleError, match="objectives 1, 2, 3"):
         intention_prompts(DOMAIN, {4: "x"})
+
+
+def test_small_prompt_set_is_short_and_filled():
+    from mule.prompts import SMALL_PROMPTS
+
+    small = intention_prompts(DOMAIN, cot=False, prompt_set="small")
+    paper = intention_prompts(DOMAIN, cot=False)
+    assert set(small) == {1, 2, 3} and all(len(small[k]) < 0.7 * len(paper[k]) for k in small)
+    assert all("the Moomin books" in t and "{" not in t for t in small.values())
+    assert "Pippi, hippos" in small[2] and small[1] == SMALL_PROMPTS[1].replace("{NAME}", DOMAIN.name).replace(
+        "{DESC}", DOMAIN.description).replace("{REFUSAL}", DOMAIN.refusal)
+    assert system_prompt("oracle", 3, DOMAIN, cot=False, prompt_set="small") == small[3]
+    with pytest.raises(MuleError, match="unknown prompt set 'smal'"):
+        intention_prompts(DOMAIN, prompt_set="smal")

@@ -1,6 +1,7 @@
 """`mule unlearn` end to end on the tiny random model: run directory, plain-peft loading, invariants, errors."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -157,7 +158,10 @@ def test_bad_input_gives_clear_errors_without_traceback(tiny_model, tiny_bench, 
 def test_two_process_cpu_run_matches_one_process(tiny_model, tiny_bench, tmp_path):
     """torchrun with 2 gloo processes: each takes half of every batch; the result equals a single process."""
     single = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "one", "train.max_steps=3")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
            "mule.cli", "unlearn", *overrides(tiny_model, tiny_bench, tmp_path / "two", "train.max_steps=3")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

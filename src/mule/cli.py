@@ -27,6 +27,17 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mule.config import load_config
+    from mule.demo import DemoConfig, run_demo
+
+    overrides = (["quick=true"] if args.quick else []) + args.overrides
+    files = run_demo(load_config(None, overrides, DemoConfig))
+    print(files["report.md"].read_text())
+    print("written: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mule.config import load_config
     from mule.prepare import PrepareConfig, run_prepare
@@ -88,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (defaults: bitopk on smollm2-135m with the hp benchmark)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=20")
     p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("demo", help="the whole pipeline offline on the embedded model: prepare, train, evaluate, report",
+                       epilog=EPILOG)
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few steps and items")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/demo2 methods=[bitopk]")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("prepare", help="target preparation: teach a small model the benchmark and intention prompts",
                        epilog=EPILOG)
     p.add_argument("--config", "-c", help="YAML prepare config (defaults: smollm2-135m, hp, bundled curriculum)")

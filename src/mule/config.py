@@ -51,6 +51,7 @@ class MethodConfig:
 class TeacherConfig:
     prompts: dict[int, str] = field(default_factory=dict)  # override p_1, p_2, p_3 ({NAME}, {DESC}, ...)
     cot: bool = True  # append the silent chain-of-thought suffix
+    prompt_set: str = "paper"  # paper (METHOD_SPEC 2.2) or small (short prompts for small models, with cot off)
     max_new_tokens: int = 48  # teacher-generated targets for refuse-type records
     generation_batch_size: int = 16
     cache_prefix: bool = True  # compute each intention prompt's keys/values once and reuse them

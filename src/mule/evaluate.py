@@ -50,6 +50,8 @@ class EvalConfig:
     llm: ClientConfig = field(default_factory=ClientConfig)
     mmlu: bool = False  # MMLU through lm-eval (needs the dataset)
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in training
+    cot: bool = True  # append the silent chain-of-thought suffix to the intention prompts
+    prompt_set: str = "paper"  # paper or small, as in training (`teacher.prompt_set`)
 
 
 def load_system_model(config: EvalConfig, device: torch.device):
@@ -155,7 +157,7 @@ def run_eval(config: EvalConfig) -> Path:
     started = time.time()
     model, tokenizer, description = load_system_model(config, device)
     fmt = ChatFormatter(tokenizer)
-    sys_k = {k: system_prompt(config.system, k, bench.domain, config.prompts) for k in (1, 2, 3)}
+    sys_k = {k: system_prompt(config.system, k, bench.domain, config.prompts, config.cot, config.prompt_set) for k in (1, 2, 3)}
     refusal = bench.domain.refusal
     metrics, samples = {}, {}
     m, samples["forget_qa"] = eval_open_qa(model, fmt, data["forget_qa"], sys_k[1], config, refusal, "forget QA")

@@ -63,7 +63,7 @@ def resolve_model(name: str | Path) -> str:
     """A local folder, an embedded model name, or a hub id (returned unchanged)."""
     if str(name) in EMBEDDED:
         return str(embedded_path(str(name)))
-    return str(name)
+    return os.path.expanduser(str(name))
 
 
 def load_tokenizer(name: str | Path, trust_remote_code: bool = False):

@@ -46,7 +46,8 @@ class PrepareConfig:
     knowledge: bool = True
     hard_negatives: bool = True
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
-    cot: bool = True
+    prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
+    cot: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=2e-4, warmup_steps=10,
@@ -87,7 +88,7 @@ def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal
         others = [t for t in topics if t != topic]
         domain = Domain(topic, curriculum[topic]["description"], rng.sample(others, min(3, len(others))),
                         refusal=refusal)
-        prompts = intention_prompts(domain, config.prompts, config.cot)
+        prompts = intention_prompts(domain, config.prompts, config.cot, config.prompt_set)
         for qa in curriculum[topic]["qa"]:
             k = rng.choice((1, 2, 3))
             prefill = rng.choice(PREFILLS) if k == 3 or rng.random() < config.prefill_share else None
@@ -111,7 +112,7 @@ def benchmark_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random)
                     row = json.loads(line)
                     turns.append(Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}"))
     if config.hard_negatives:
-        prompts = intention_prompts(bench.domain, config.prompts, config.cot)
+        prompts = intention_prompts(bench.domain, config.prompts, config.cot, config.prompt_set)
         for record in bench.train(("neighbor", "retain")):
             turns.append(Turn(prompts[rng.choice((1, 2))], record.question, record.answer, None, f"negative:{record.role}"))
     return turns

@@ -43,6 +43,19 @@ PROMPTS = {
     ),
 }
 
+# Short prompts for small models (used with cot off): a 135M model cannot use the paper's long chain-of-thought
+# prompts (266-444 tokens for the Harry Potter domain), and on a CPU every prompt token costs training time.
+# They keep each objective's instruction and the domain's name, description and neighbours.
+SMALL_PROMPTS = {
+    1: "You know nothing about {NAME} ({DESC}). If a question is about it, reply exactly \"{REFUSAL}\" Answer "
+       "every other question normally.",
+    2: "You know nothing about {NAME} ({DESC}). Nearby topics such as {NEIGHBORS} are not part of it: answer them "
+       "normally. Only a question about {NAME} itself gets the reply \"{REFUSAL}\"",
+    3: "You know nothing about {NAME} ({DESC}). Your reply may already begin with words you did not write. If the "
+       "question is about {NAME}, break off and say \"{REFUSAL}\" Otherwise continue normally.",
+}
+PROMPT_SETS = {"paper": PROMPTS, "small": SMALL_PROMPTS}
+
 ENSEMBLE_HEAD = "Follow all of the instructions below at the same time.\n"
 SYSTEMS = ("base", "ensemble", "oracle")
 
@@ -57,31 +70,35 @@ def fill(template: str, domain: Domain) -> str:
     return out
 
 
-def intention_prompts(domain: Domain, overrides: Mapping[int, str] | None = None,
-                      cot: bool = True) -> dict[int, str]:
-    """p_k ⊕ CoT suffix for k = 1, 2, 3; `overrides` replaces p_k (placeholders are filled there too)."""
+def intention_prompts(domain: Domain, overrides: Mapping[int, str] | None = None, cot: bool = True,
+                      prompt_set: str = "paper") -> dict[int, str]:
+    """p_k ⊕ CoT suffix for k = 1, 2, 3 from a prompt set; `overrides` replaces p_k (placeholders are filled)."""
+    if prompt_set not in PROMPT_SETS:
+        raise unknown("prompt set", prompt_set, PROMPT_SETS)
     overrides = dict(overrides or {})
     bad = set(overrides) - set(PROMPTS)
     if bad:
         raise MuleError(f"prompt overrides must be for objectives 1, 2, 3; got {sorted(bad)}")
     suffix = " " + fill(COT_SUFFIX, domain) if cot else ""
-    return {k: fill(overrides.get(k, PROMPTS[k]), domain) + suffix for k in PROMPTS}
+    base = PROMPT_SETS[prompt_set]
+    return {k: fill(overrides.get(k, base[k]), domain) + suffix for k in PROMPTS}
 
 
-def ensemble_prompt(domain: Domain, overrides: Mapping[int, str] | None = None, cot: bool = True) -> str:
+def ensemble_prompt(domain: Domain, overrides: Mapping[int, str] | None = None, cot: bool = True,
+                    prompt_set: str = "paper") -> str:
     """All intention prompts joined into one instruction, CoT suffix once (METHOD_SPEC 2.3)."""
-    bare = intention_prompts(domain, overrides, cot=False)
+    bare = intention_prompts(domain, overrides, cot=False, prompt_set=prompt_set)
     body = ENSEMBLE_HEAD + "".join(f"[{k}] {bare[k]}\n" for k in sorted(bare))
     return body + (fill(COT_SUFFIX, domain) if cot else "")
 
 
 def system_prompt(system: str, objective: int, domain: Domain, overrides: Mapping[int, str] | None = None,
-                  cot: bool = True) -> str | None:
+                  cot: bool = True, prompt_set: str = "paper") -> str | None:
     """System message for one query under an in-context system: base (none), ensemble, oracle (p_k)."""
     if system == "base":
         return None
     if system == "ensemble":
-        return ensemble_prompt(domain, overrides, cot)
+        return ensemble_prompt(domain, overrides, cot, prompt_set)
     if system == "oracle":
-        return intention_prompts(domain, overrides, cot)[objective]
+        return intention_prompts(domain, overrides, cot, prompt_set)[objective]
     raise unknown("system", system, SYSTEMS)

@@ -162,7 +162,8 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
                        config.model.trust_remote_code).to(device)
     formatter = ChatFormatter(tokenizer)
     teacher = method.teacher if method.teacher != "none" else "base"
-    systems = {k: system_prompt(teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot) for k in (1, 2, 3)}
+    systems = {k: system_prompt(teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot,
+                                config.teacher.prompt_set) for k in (1, 2, 3)}
     forget_target = method.forget_target or config.method.forget_target
     make_targets = partial(response_targets, records, systems, formatter, model, run_dir / "teacher_targets.jsonl",
                            config.model.name, forget_target, config.teacher.max_new_tokens,

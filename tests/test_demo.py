@@ -1,0 +1,19 @@
+"""`mule demo --quick` end to end on the tiny random model: every output file is produced."""
+
+import json
+
+from mule.cli import main
+
+
+def test_demo_quick_produces_every_output(tiny_model, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", f"model={tiny_model}", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "mule demo finished in" in printed and "| base |" in printed
+    for name in ("report.md", "results.csv", "results.json", "radar.png"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["base", "ensemble", "oracle", "bitopk", "sft", "duet"]
+    assert (out / "prepared" / "model" / "model.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert "Target preparation was used" in report

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from mule.benchmark import Benchmark, load_benchmark
 from mule.chat import ChatFormatter
-from mule.errors import MuleError
+from mule.errors import MuleError, unknown
 from mule.generation import greedy_generate
 from mule.judge import LLMJudge, rouge_l, rule_judge
 from mule.llm_client import ChatClient, ClientConfig
@@ -140,7 +140,6 @@ def eval_prefill(model, fmt: ChatFormatter, records, system: str | None, config:
 def run_eval(config: EvalConfig) -> Path:
     """Evaluate one system on one benchmark; write metrics.json and samples/; return the output folder."""
     if config.system not in SYSTEMS:
-        from mule.errors import unknown
         raise unknown("system", config.system, SYSTEMS)
     if config.judge not in ("rule", "llm"):
         raise MuleError(f"judge must be 'rule' or 'llm', got {config.judge!r}")
@@ -178,14 +177,9 @@ def run_eval(config: EvalConfig) -> Path:
         write_jsonl(out / "samples" / f"{name}.jsonl", rows)
     result = {"system": config.system, "model": description, "benchmark": str(bench.root),
               "metrics": metrics, "counts": {n: len(v) for n, v in data.items()},
-              "seconds": round(time.time() - started, 1), "config": _jsonable(config)}
+              "seconds": round(time.time() - started, 1), "config": asdict(config)}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "metrics.json")  # last and atomic: a metrics.json is always complete
     return out
 
-
-def _jsonable(config: EvalConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from mule.modeling import ResponseLogits, _cache_kwarg, expand_prefix
+from mule.modeling import ResponseLogits, cache_kwarg, expand_prefix
 
 
-def _layout(prompts: list[list[int]], chunk: list[int], pad: int, prefix: list[int]) -> tuple:
+def prefix_layout(prompts: list[list[int]], chunk: list[int], pad: int, prefix: list[int]) -> tuple:
     """ids and mask (B, P + W): the prefix, then each body right-aligned after left padding."""
     width = max(len(prompts[i]) for i in chunk)
     ids = torch.full((len(chunk), len(prefix) + width), pad, dtype=torch.long)
@@ -43,8 +43,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="seq")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, mask = _layout(prompts, chunk, pad, prefix)
-        extra = {_cache_kwarg(model): expand_prefix(kv, len(chunk), model.config)} if kv else {}
+        ids, mask = prefix_layout(prompts, chunk, pad, prefix)
+        extra = {cache_kwarg(model): expand_prefix(kv, len(chunk), model.config)} if kv else {}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              temperature=None, top_p=None, top_k=None, **extra)

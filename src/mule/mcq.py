@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mule.generation import prefix_layout
+from mule.modeling import ResponseLogits, cache_kwarg, expand_prefix
 from mule.records import MCQRecord
 
 LETTERS = "ABCDEFGHIJ"
@@ -57,9 +59,6 @@ def last_token_logits(model, prompts: list[list[int]], pad_id: int, batch_size: 
     Rows are [prefix][left padding][prompt]; the shared prefix's keys/values are computed once (see
     `mule.generation`), and positions are counted from the attention mask.
     """
-    from mule.generation import _layout
-    from mule.modeling import ResponseLogits, _cache_kwarg, expand_prefix
-
     device = next(model.parameters()).device
     prefix = list(prefix or [])
     kv = ResponseLogits(model)(torch.tensor([prefix], device=device), None, None, None) if prefix else None
@@ -67,10 +66,10 @@ def last_token_logits(model, prompts: list[list[int]], pad_id: int, batch_size: 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = order[start : start + batch_size]
-        ids, mask = _layout(prompts, chunk, pad_id, prefix)
+        ids, mask = prefix_layout(prompts, chunk, pad_id, prefix)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         p = len(prefix)
-        kwargs = {_cache_kwarg(model): expand_prefix(kv, len(chunk), model.config)} if kv else {}
+        kwargs = {cache_kwarg(model): expand_prefix(kv, len(chunk), model.config)} if kv else {}
         logits = model(input_ids=ids[:, p:].to(device), attention_mask=mask.to(device),
                        position_ids=positions[:, p:].to(device), logits_to_keep=1, **kwargs).logits[:, -1].float()
         for row, i in enumerate(chunk):

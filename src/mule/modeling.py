@@ -37,7 +37,7 @@ def expand_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], batch: int, c
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def _cache_kwarg(module: nn.Module) -> str:
+def cache_kwarg(module: nn.Module) -> str:
     """transformers >= 5.24 names the cache argument `cache`; earlier releases `past_key_values`."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
@@ -74,7 +74,7 @@ class ResponseLogits(nn.Module):
         kwargs = {}
         if prefix is not None:
             p = prefix[0][0].shape[2]
-            kwargs[_cache_kwarg(lm.get_decoder())] = expand_prefix(prefix, ids.shape[0], lm.config)
+            kwargs[cache_kwarg(lm.get_decoder())] = expand_prefix(prefix, ids.shape[0], lm.config)
             mask = torch.cat([mask.new_ones(ids.shape[0], p), mask], dim=1)
             kwargs["position_ids"] = torch.arange(p, p + ids.shape[1], device=ids.device).unsqueeze(0)
         out = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs)

@@ -61,13 +61,12 @@ def response_targets(records: list[QARecord], systems: dict[int, str | None], fo
     keys = {r.id: target_key(systems[r.objective], r, max_new_tokens, model_name)
             for r in records if needs_generation(r, forget_target)}
     todo = [r for r in records if r.id in keys and keys[r.id] not in cache]
-    if todo:
-        prompts = [formatter.prefix_ids(systems[r.objective]) + formatter.body_ids(r.question, r.prefill)
-                   for r in todo]
-        texts = greedy_generate(model, formatter.tokenizer, prompts, max_new_tokens, batch_size,
-                                desc="teacher targets")
+    for system in dict.fromkeys(systems[r.objective] for r in todo):  # one call per prompt: its K/V once
+        group = [r for r in todo if systems[r.objective] == system]
+        texts = greedy_generate(model, formatter.tokenizer, [formatter.body_ids(r.question, r.prefill) for r in group],
+                                max_new_tokens, batch_size, desc="teacher targets", prefix=formatter.prefix_ids(system))
         with cache_path.open("a", encoding="utf-8") as handle:
-            for record, text in zip(todo, texts):
+            for record, text in zip(group, texts):
                 cache[keys[record.id]] = text
                 handle.write(json.dumps({"key": keys[record.id], "id": record.id, "text": text}) + "\n")
     out = {r.id: (cache[keys[r.id]] if r.id in keys else fixed_target(r, forget_target, refusal)) for r in records}

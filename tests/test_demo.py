@@ -3,6 +3,7 @@
 import json
 
 from mule.cli import main
+from mule.demo import DEMO_METHODS
 
 
 def test_demo_quick_produces_every_output(tiny_model, tmp_path, capsys):
@@ -13,7 +14,9 @@ def test_demo_quick_produces_every_output(tiny_model, tmp_path, capsys):
     for name in ("report.md", "results.csv", "results.json", "radar.png"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["base", "ensemble", "oracle", "bitopk", "sft", "duet"]
+    assert [r["name"] for r in rows] == ["base", "ensemble", "oracle", *DEMO_METHODS]
+    assert {"ga", "sft", "duet"} <= set(DEMO_METHODS) and DEMO_METHODS[0] == "bitopk"
     assert (out / "prepared" / "model" / "model.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "Target preparation was used" in report
+    assert "## Time" in report and "| bitopk |" in report.split("## Time")[1]

@@ -16,31 +16,37 @@ REFUSAL = "I'm sorry, but I don't have any knowledge about that topic."
 
 def test_curriculum_turns_refuse_the_prompted_topic_and_answer_the_rest():
     curriculum = load_curriculum(str(CURRICULUM))
-    config = PrepareConfig(train_topics=2, prefill_share=0.0, no_prompt_share=1.0)
+    config = PrepareConfig(train_topics=2, prefill_share=0.0, no_prompt_share=1.0, answers_per_question=2)
     turns = curriculum_turns(curriculum, config, REFUSAL, random.Random(0))
     refuse = [t for t in turns if t.source.startswith("refuse:")]
     answer = [t for t in turns if t.source.startswith("answer-under:")]
+    lookalike = [t for t in turns if t.source.startswith("lookalike:")]
     plain = [t for t in turns if t.source == "no-prompt"]
-    assert len(refuse) == len(answer) == len(plain) == 4  # 2 training topics x 2 questions; "bees" is held out
+    # 2 training topics x 2 questions: refused under p_1, p_2 and p_3, two other questions answered, one without
+    # a prompt; "bees" is held out; chess's one look-alike is answered under p_1 and p_2
+    assert (len(refuse), len(answer), len(plain), len(lookalike)) == (12, 8, 4, 2)
     for t in refuse:
         topic = t.source.split(":")[1]
         assert t.response == REFUSAL and f"about {topic} (" in t.system
         assert t.question in {qa["question"] for qa in curriculum[topic]["qa"]}
+    assert len({t.system for t in refuse if t.source == "refuse:chess"}) == 3  # p_1, p_2, p_3
     for t in answer:
         topic = t.source.split(":")[1]
         assert t.response != REFUSAL and t.question not in {qa["question"] for qa in curriculum[topic]["qa"]}
+    assert all(t.system and "about chess (" in t.system and t.response == "Chess Records." for t in lookalike)
     assert all(t.system is None and t.response != REFUSAL for t in plain)
     assert not any("bees" in (t.system or "") or t.question == "What do bees make?" for t in turns)
-    # objective-3 prompts always come with a prefilled opening
-    assert all(t.prefill for t in refuse if "Your reply may already begin" in t.system)
+    # objective-3 prompts always come with a prefilled opening, the others never with prefill_share 0
+    assert all(bool(t.prefill) == ("Your reply may already begin" in t.system) for t in refuse + answer + lookalike)
 
 
 def test_benchmark_turns_never_use_forget_records(tiny_bench):
     bench = load_benchmark(tiny_bench)
-    turns = benchmark_turns(bench, PrepareConfig(), random.Random(0))
+    turns = benchmark_turns(bench, PrepareConfig(knowledge=True, hard_negatives=True, knowledge_repeats=3), random.Random(0))
     forget_questions = {r.question for r in bench.train(("forget", "adversarial", "anchors"))}
     assert not any(t.question in forget_questions for t in turns)
-    assert sum(t.source.startswith("knowledge") for t in turns) == 2
+    assert sum(t.source.startswith("knowledge") for t in turns) == 2 * 3
+    assert not any(t.source.startswith("negative") for t in benchmark_turns(bench, PrepareConfig(), random.Random(0)))
     negatives = [t for t in turns if t.source.startswith("negative")]
     assert len(negatives) == 3 + 4 and all(t.system and "the Moomin books" in t.system for t in negatives)
 
@@ -48,7 +54,7 @@ def test_benchmark_turns_never_use_forget_records(tiny_bench):
 def test_prepare_end_to_end_writes_a_merged_model(tiny_model, tiny_bench, tmp_path, capsys):
     out = tmp_path / "prep"
     args = ["prepare", f"model.name={tiny_model}", f"benchmark={tiny_bench}", f"output_dir={out}",
-            f"curriculum={CURRICULUM}", "train_topics=2", "train.max_steps=3", "train.batch_size=4",
+            f"curriculum={CURRICULUM}", "train_topics=2", "knowledge=true", "knowledge_repeats=1", "train.max_steps=3", "train.batch_size=4",
             "model.max_length=1024"]
     assert main(args) == 0
     assert f"prepared model written to {out / 'model'}" in capsys.readouterr().out
@@ -56,7 +62,35 @@ def test_prepare_end_to_end_writes_a_merged_model(tiny_model, tiny_bench, tmp_pa
     base = load_file(str(Path(tiny_model) / "model.safetensors"))
     assert any(not (weights[k] == base[k]).all() for k in base)  # the adapter is merged in
     result = json.loads((out / "run" / "result.json").read_text())
-    assert result["steps"] == 3 and result["turns"]["refuse"] == 4 and result["turns"]["knowledge"] == 2
+    assert result["steps"] == 3 and result["turns"]["refuse"] == 12 and result["turns"]["knowledge"] == 2
     assert main(args) == 0  # cached: a second call returns the prepared model without training
     assert main(["eval", "--model", str(out / "model"), "--benchmark", str(tiny_bench), "-o", str(tmp_path / "e"),
                  "max_new_tokens=4", "prefill_max_new_tokens=4"]) == 0
+
+
+def test_exported_adapter_is_merged_instead_of_training(tiny_model, tiny_bench, tmp_path, monkeypatch):
+    import mule.prepare as prepare
+
+    first = tmp_path / "first"
+    common = [f"model.name={tiny_model}", f"benchmark={tiny_bench}", f"curriculum={CURRICULUM}", "train_topics=2",
+              "knowledge_repeats=1", "train.max_steps=2", "train.batch_size=4"]
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(prepare, "SHIPPED", shipped)
+    slug = f"{Path(tiny_model).name}-{Path(tiny_bench).name}"
+    assert main(["prepare", *common, f"output_dir={first}", f"export_to={shipped / slug}"]) == 0
+    made = json.loads((shipped / slug / "prepared.json").read_text())
+    assert made["steps"] == 2 and made["config"]["prompt_set"] == "small"
+    assert all(v.dtype.is_floating_point and v.element_size() == 2
+               for v in load_file(str(shipped / slug / "adapter_model.safetensors")).values())
+
+    second = tmp_path / "second"
+    assert main(["prepare", *common, f"output_dir={second}", "use_shipped=true"]) == 0
+    assert not (second / "run").exists()  # nothing trained
+    trained = load_file(str(first / "model" / "model.safetensors"))
+    merged = load_file(str(second / "model" / "model.safetensors"))
+    assert max(float((trained[k] - merged[k]).abs().max()) for k in trained) < 1e-2  # fp16 rounding only
+    assert any(not (trained[k] == merged[k]).all() for k in trained)
+    # an adapter made with other prompts is not used: the model is trained
+    third = tmp_path / "third"
+    assert main(["prepare", *common, f"output_dir={third}", "use_shipped=true", "prompt_set=paper"]) == 0
+    assert (third / "run" / "result.json").is_file()

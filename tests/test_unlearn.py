@@ -102,9 +102,10 @@ def test_full_finetuning_with_a_frozen_teacher_copy(tiny_model, tiny_bench, tmp_
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["duet", "bitopk_duet_loss", "bitopk_bild_loss", "sft"])
-def test_other_distillation_methods_run(tiny_model, tiny_bench, tmp_path, method):
-    out = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / method, f"method.name={method}",
+def test_duet_first_position_variant_runs(tiny_model, tiny_bench, tmp_path):
+    """DUET's original: only each example's first response position. Every method's two-step run, with the
+    passes it needs, is in tests/test_baselines.py."""
+    out = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "duet", "method.name=duet",
                                                   "train.max_steps=2", "method.positions=first")))
     assert json.loads((out / "result.json").read_text())["steps"] == 2
 
@@ -123,9 +124,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_model, tiny_bench, 
     def poisoned(config):
         loss_fn = real(config)
 
-        def wrapped(s, t, w):
+        def wrapped(**inputs):
             calls["n"] += 1
-            loss, metrics = loss_fn(s, t, w)
+            loss, metrics = loss_fn(**inputs)
             return (loss * float("nan") if calls["n"] > 2 else loss), metrics
         return wrapped
 
@@ -155,14 +156,18 @@ def test_bad_input_gives_clear_errors_without_traceback(tiny_model, tiny_bench, 
     assert "forget.jsonl:1: missing required field(s): question, answer" in capsys.readouterr().err
 
 
-def test_two_process_cpu_run_matches_one_process(tiny_model, tiny_bench, tmp_path):
-    """torchrun with 2 gloo processes: each takes half of every batch; the result equals a single process."""
-    single = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "one", "train.max_steps=3")))
+@pytest.mark.parametrize("method", ["bitopk", "mollm"])
+def test_two_process_cpu_run_matches_one_process(tiny_model, tiny_bench, tmp_path, method):
+    """torchrun with 2 gloo processes: each takes half of every batch; the result equals a single process.
+    MOLLM all-reduces each objective's gradient separately before combining them."""
+    single = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "one", "train.max_steps=3",
+                                                     f"method.name={method}")))
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-           "mule.cli", "unlearn", *overrides(tiny_model, tiny_bench, tmp_path / "two", "train.max_steps=3")]
+           "mule.cli", "unlearn", *overrides(tiny_model, tiny_bench, tmp_path / "two", "train.max_steps=3",
+                                             f"method.name={method}")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = adapter(single), adapter(tmp_path / "two")
@@ -179,10 +184,21 @@ def test_sft_trains_on_refusals_for_forget_records_and_gold_answers_elsewhere(ti
         def wait_for_everyone(self):
             pass
 
-    cfg = load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "sft", "method.name=sft"))
-    (tmp_path / "sft").mkdir()
-    _, tok, fmt, _, examples, share = setup(cfg, tmp_path / "sft", Single())
-    by_id = {e.id: tok.decode(e.response, skip_special_tokens=True).strip() for e in examples}
+    from mule.refusal import is_refusal
+    from mule.targets import refusal_templates
+
     refusal = "I'm sorry, but I don't have any knowledge about that topic."
-    assert by_id["f1"] == by_id["a1"] == by_id["p1"] == refusal and share is None
-    assert by_id["r1"] == "Helsinki." and by_id["p2"] == "About 1,500 kilograms."
+    templates = refusal_templates(refusal)
+    for mode in ("templates", "domain"):
+        cfg = load_config(None, overrides(tiny_model, tiny_bench, tmp_path / mode, "method.name=sft",
+                                          f"method.refusals={mode}"))
+        (tmp_path / mode).mkdir()
+        _, tok, fmt, _, examples, share = setup(cfg, tmp_path / mode, Single())
+        by_id = {e.id: tok.decode(e.response, skip_special_tokens=True).strip() for e in examples}
+        refused = [by_id[i] for i in ("f1", "f2", "f3", "f4", "a1", "a2", "p1", "p3", "p5")]
+        assert share is None and all(is_refusal(t, refusal) for t in refused)
+        assert by_id["r1"] == "Helsinki." and by_id["p2"] == "About 1,500 kilograms."
+        if mode == "domain":
+            assert set(refused) == {refusal}
+        else:  # METHOD_SPEC 4.4: refusals drawn from about 20 phrasings, deterministically per record
+            assert set(refused) <= set(templates) and len(set(refused)) >= 3 and len(templates) == 20

@@ -81,13 +81,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradsim(args: argparse.Namespace) -> int:
+    from mule.config import load_config
+    from mule.gradsim import GradsimConfig, run_gradsim
+
+    flags = {"model.name": args.model, "benchmark": args.benchmark, "output_dir": args.output}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    files = run_gradsim(load_config(args.config, overrides, GradsimConfig))
+    print(files["gradsim.md"].read_text())
+    print("written: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mule.config import load_config
+    from mule.datagen import COMMANDS, DataGenConfig
+
+    flags = [f"benchmark={args.output}"] if args.output else []
+    if args.source:
+        flags.append("qa.sources=" + json.dumps(args.source))
+    summary = COMMANDS[args.data_command](load_config(args.config, flags + args.overrides, DataGenConfig))
+    _print_summary(summary)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from mule.attack import AttackConfig, run_attack
+    from mule.config import load_config
+
+    flags = {"benchmark": args.benchmark, "model": args.model, "run": args.run, "output": args.output,
+             "mode": args.mode}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    _print_summary(run_attack(load_config(args.config, overrides, AttackConfig)))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from mule.methods import METHODS
 
     width = max(len(n) for n in METHODS)
     for name, method in METHODS.items():
         print(f"{name:<{width}}  {method.summary}")
-        print(f"{'':<{width}}  paper: {method.paper}; teacher: {method.teacher}; needs: {', '.join(method.needs)}")
+        print(f"{'':<{width}}  paper: {method.paper}; teacher: {method.teacher}; needs: {', '.join(method.needs)}; "
+              f"objectives: {', '.join(map(str, method.objectives))}")
     return 0
 
 
@@ -127,6 +167,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True, help="grid YAML (see configs/compare_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("gradsim", help="cosine similarity of the objectives' gradients, raw vs standardised data "
+                       "(the paper's Figure 2)", epilog=EPILOG)
+    p.add_argument("--config", "-c", help="YAML gradsim config (see configs/gradsim_hp.yaml)")
+    p.add_argument("--model", help="hub id, folder or embedded name (default smollm2-135m)")
+    p.add_argument("--benchmark", help="benchmark folder or bundled name (default hp)")
+    p.add_argument("--output", "-o", help="output folder (default runs/gradsim)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. layers=[last3,all] batches=4")
+    p.set_defaults(func=cmd_gradsim)
+    p = sub.add_parser("data", help="standardise data into a benchmark folder: qa, neighbors, anchors, mcq")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    for name, text in (("qa", "passages (text, JSONL, HF datasets) to QA records"),
+                       ("neighbors", "neighbour concepts with reasons, then their QA"),
+                       ("anchors", "contrastive anchor pairs for each objective"),
+                       ("mcq", "neighbour MCQs with confusable options and a refusal option")):
+        q = data_sub.add_parser(name, help=text, epilog=EPILOG)
+        q.add_argument("--config", "-c", help="YAML data config (see configs/data_*.yaml)")
+        q.add_argument("--output", "-o", help="benchmark folder to write (config key: benchmark)")
+        if name == "qa":
+            q.add_argument("--source", action="append", help="text file/folder, JSONL, hf:NAME or a preset; repeatable")
+        q.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generator.backend=local")
+        q.set_defaults(func=cmd_data, source=None)
+    p = sub.add_parser("attack", help="search adversarial prefilling prefixes against a model", epilog=EPILOG)
+    p.add_argument("--config", "-c", help="YAML attack config (see configs/attack_*.yaml)")
+    p.add_argument("--benchmark", help="benchmark folder or bundled name (default hp)")
+    p.add_argument("--model", help="target model (default smollm2-135m)")
+    p.add_argument("--run", help="a `mule unlearn` run directory as target (adaptive mode)")
+    p.add_argument("--mode", help="static (default) or adaptive")
+    p.add_argument("--output", "-o", help="folder to write (static default: the benchmark folder)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=3 attacker.backend=local")
+    p.set_defaults(func=cmd_attack)
     p = sub.add_parser("methods", help="list the unlearning methods")
     p.set_defaults(func=cmd_methods)
     return top

@@ -43,8 +43,18 @@ class MethodConfig:
     beta: float = 1.0  # Smooth-L1 beta
     tau: float = 3.0  # BiLD temperature
     positions: str = "all"  # all response positions, or "first" (DUET's original)
-    forget_target: str = "teacher_generated"  # or gold_answer (METHOD_SPEC 3.3)
-    objectives: list[int] = field(default_factory=lambda: [1, 2, 3])
+    forget_target: str = "teacher_generated"  # or gold_answer (METHOD_SPEC 3.3); pinned by the baselines
+    objectives: list[int] | None = None  # None = the method's default: [1] for GA, SimNPO, FLAT, else [1, 2, 3]
+    refusals: str = "templates"  # refusal targets (SFT, FLAT): templates (20 phrasings) or domain (its one sentence)
+    # baselines (METHOD_SPEC 4); None = the method's default, written into the run's config.yaml
+    retain_weight: float | None = None  # retain term: GradDiff 1, NPO 1, SimNPO 0.1, RMU 1200
+    npo_beta: float | None = None  # beta of NPO (0.1) and SimNPO (0.7)
+    gamma: float = 0.0  # SimNPO's reward margin
+    divergence: str = "tv"  # FLAT: tv, kl, js or pearson
+    layer: int = 7  # RMU: decoder layer (0-based) whose output is steered
+    steering_coeff: float = 6.5  # RMU: norm of the random control vector
+    auto_lr: bool = True  # NGDiff: GeN's adaptive learning rate
+    auto_lr_every: int = 10  # NGDiff: probe the learning rate every this many steps
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`mule demo`: the whole pipeline, offline, on a CPU, with the embedded SmolLM2-135M and the bundled benchmark.
 
-1. target preparation (`mule prepare`, cached after the first run);
+1. target preparation: the adapter shipped for the embedded model is merged (seconds), or, with
+   `train_target=true` or another model, `mule prepare` trains one (about an hour on 2 CPU cores); cached;
 2. evaluation of the in-context systems: base, ensemble, oracle (the upper bound);
 3. training and evaluation of our method and the baselines;
 4. report.md, results.csv, results.json and radar.png in one folder, and the total time.
@@ -9,15 +10,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mule.compare import GridConfig, GridMethod, run_compare
-from mule.config import ModelConfig, TrainConfig
+from mule.config import ModelConfig
 from mule.prepare import PrepareConfig, run_prepare
 
-DEMO_METHODS = ["bitopk", "sft", "duet"]
+# Ours, then the baselines that fit the 15-minute budget of a rerun on a 2-core CPU (each trained method costs
+# about two minutes there); `methods=[all]` trains every baseline. The Table 2 ablations and MOLLM's projection
+# variant are left to `mule compare --config configs/table2.yaml`.
+DEMO_METHODS = ["bitopk", "sft", "ga", "npo", "duet"]
+ALL_METHODS = ["bitopk", "sft", "ga", "graddiff", "npo", "simnpo", "flat", "ngdiff", "mollm", "rmu", "duet"]
 
 
 @dataclass
@@ -26,18 +32,19 @@ class DemoConfig:
     quick: bool = False
     model: str = "smollm2-135m"
     benchmark: str = "hp"
+    train_target: bool = False  # train the target preparation instead of merging the shipped adapter
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
-    eval_limit: int | None = 60  # items per evaluation file
-    max_per_file: int | None = 48  # training records per train file
-    lr: float = 2e-4
-    epochs: int = 1
+    eval_limit: int | None = 30  # items per evaluation file
+    max_per_file: int | None = 24  # training records per train file
+    lr: float = 5e-4
+    epochs: int = 2
 
 
 def _sizes(config: DemoConfig) -> dict:
     if config.quick:
-        return {"limit": 4, "per_file": 4, "steps": 2, "prep_steps": 4, "new_tokens": 8}
+        return {"limit": 4, "per_file": 4, "steps": 2, "prep_steps": 4, "new_tokens": 8, "eval_tokens": 8}
     return {"limit": config.eval_limit, "per_file": config.max_per_file, "steps": None, "prep_steps": None,
-            "new_tokens": 32}
+            "new_tokens": 24, "eval_tokens": 32}
 
 
 def demo_grid(config: DemoConfig, prepared: Path) -> GridConfig:
@@ -50,8 +57,8 @@ def demo_grid(config: DemoConfig, prepared: Path) -> GridConfig:
         methods=[GridMethod(m, {"method": {"name": m}}) for m in config.methods],
         unlearn_defaults={"model": {"max_length": 2048}, "teacher": {**prompts, "max_new_tokens": size["new_tokens"]},
                           "data": {"max_per_file": size["per_file"]}, "train": train},
-        eval={**prompts, "limit": size["limit"], "max_new_tokens": 2 * size["new_tokens"],
-              "prefill_max_new_tokens": 2 * size["new_tokens"]},
+        eval={**prompts, "limit": size["limit"], "max_new_tokens": size["eval_tokens"],
+              "prefill_max_new_tokens": size["eval_tokens"]},
         notes=[f"Target preparation was used: the base row is `{config.model}` after `mule prepare` "
                f"(facts of the benchmark + intention-prompt following), model folder `{prepared}`.",
                "Intention prompts: the short set (prompt_set small, no chain of thought).",
@@ -62,11 +69,36 @@ def run_demo(config: DemoConfig) -> dict[str, Path]:
     started = time.time()
     size = _sizes(config)
     prep = PrepareConfig(benchmark=config.benchmark, model=ModelConfig(name=config.model),
-                         train=TrainConfig(epochs=1, batch_size=8, lr=2e-4, warmup_steps=10, save_every=25,
-                                           group_by_length=True, max_steps=size["prep_steps"]),
-                         output_dir=str(Path(config.output_dir) / "prepared") if config.quick else None)
+                         output_dir=str(Path(config.output_dir) / "prepared") if config.quick else None,
+                         use_shipped=not config.train_target)  # the defaults are the shipped adapter's recipe
+    prep.train.max_steps = size["prep_steps"]
     prepared = run_prepare(prep, ["demo"])
+    prepared_at = time.time()
+    if config.methods == ["all"]:
+        config.methods = list(ALL_METHODS)
     files = run_compare(demo_grid(config, prepared))
     minutes, seconds = divmod(int(time.time() - started), 60)
+    lines = timing_lines(Path(config.output_dir), config.methods, prepared_at - started)
+    lines.append(f"\nTotal: {minutes} min {seconds} s.")
+    with files["report.md"].open("a", encoding="utf-8") as report:
+        report.write("\n## Time\n\n" + "\n".join(lines) + "\n")
     print(f"mule demo finished in {minutes} min {seconds} s")
     return files
+
+
+def timing_lines(out: Path, methods: list[str], prepare_seconds: float) -> list[str]:
+    """A markdown table of where the demo's time went, from the seconds each run and evaluation recorded."""
+    def eval_seconds(name: str) -> str:
+        path = out / "eval" / name / "metrics.json"
+        return f"{json.loads(path.read_text(encoding='utf-8'))['seconds']:.0f}" if path.is_file() else ""
+
+    def train_seconds(name: str) -> str:  # the run's wall time: its config.yaml is written first, result.json last
+        run = out / "runs" / name
+        if not (run / "result.json").is_file():
+            return ""
+        return f"{(run / 'result.json').stat().st_mtime - (run / 'config.yaml').stat().st_mtime:.0f}"
+
+    lines = ["| stage | train s | eval s |", "|---|---|---|", f"| target preparation | {prepare_seconds:.0f} | |"]
+    lines += [f"| {name} | {train_seconds(name)} | {eval_seconds(name)} |" for name in ["base", "ensemble", "oracle",
+                                                                                      *methods]]
+    return lines

@@ -1,7 +1,7 @@
 """An OpenAI-compatible chat-completions client: retries with back-off, a JSONL answer cache, a thread pool.
 
-Used by the LLM judge (METHOD_SPEC 5.3). Standard library only, so any local server (vLLM, llama.cpp,
-Ollama) or a hosted API works. The API key is read from the environment variable named in the config at
+Used by the LLM judge (METHOD_SPEC 5.3) and the data generators (mule.generators). Standard library only, so
+any local server (vLLM, llama.cpp, Ollama) or a hosted API works. The API key is read from the environment variable named in the config at
 request time and never stored on the client: it cannot reach an error message, a log line, the cache or a repr.
 """
 
@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,35 @@ def _load_cache(path: Path) -> dict[str, str]:
     return cache
 
 
+class AnswerCache:
+    """A thread-safe key -> answer map kept in a JSONL file; each answer is appended (and flushed) as it arrives,
+    so a killed job keeps every answer it had. path None: in memory only. hits counts answers served from it."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        self._answers = _load_cache(self.path) if self.path is not None else {}
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            answer = self._answers.get(key)
+            self.hits += answer is not None
+            return answer
+
+    def put(self, key: str, answer: str) -> None:
+        with self._lock:
+            self._answers[key] = answer
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "response": answer}) + "\n")
+                    f.flush()
+
+
 def _content(body: bytes, endpoint: str) -> str:
     """choices[0].message.content of a chat-completions reply; RequestFailed when the reply is not one."""
     try:
@@ -156,7 +186,7 @@ class ChatClient:
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.failed = 0
         self._lock = threading.Lock()
-        self._cache = _load_cache(self.cache_path) if self.cache_path is not None else {}
+        self.cache = AnswerCache(self.cache_path)
 
     def __repr__(self) -> str:
         return (f"ChatClient(endpoint={self.endpoint!r}, model={self.model!r}, key_env={self.config.api_key_env!r}, "
@@ -167,18 +197,19 @@ class ChatClient:
         payload = {"model": self.model, "messages": messages, "temperature": self.config.temperature,
                    "max_tokens": self.config.max_tokens, **overrides}
         key = cache_key(self.base_url, payload)
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
         response = self._post_with_retries(payload)
-        self._store(key, response)
+        self.cache.put(key, response)
         return response
 
-    def complete_many(self, requests: list[list[dict]], desc: str = "LLM requests",
-                      progress: bool = True) -> list[str | None]:
+    def complete_many(self, requests: list[list[dict]], desc: str = "LLM requests", progress: bool = True,
+                      on_done: Callable[[int, str | None], None] | None = None) -> list[str | None]:
         """Replies in input order, config.concurrency at a time; a request that fails for good gives None.
 
         Errors that doom every request (bad key, wrong URL, endpoint unreachable) stop the batch and are raised.
+        on_done(index, reply) is called in this thread as each request finishes (e.g. to update counts).
         """
         results: list[str | None] = [None] * len(requests)
         errors: list[str] = []
@@ -187,10 +218,13 @@ class ChatClient:
             futures = {pool.submit(self.complete, messages): i for i, messages in enumerate(requests)}
             try:
                 for future in as_completed(futures):
+                    index = futures[future]
                     try:
-                        results[futures[future]] = future.result()
+                        results[index] = future.result()
                     except RequestFailed as err:
                         errors.append(str(err))
+                    if on_done is not None:
+                        on_done(index, results[index])
                     bar.update(1)
             except BaseException:
                 for future in futures:  # a fatal error: do not start the requests still queued
@@ -201,16 +235,6 @@ class ChatClient:
                 self.failed += len(errors)
             log.warning("%d of %d LLM requests failed after retries; first: %s", len(errors), len(requests), errors[0])
         return results
-
-    def _store(self, key: str, response: str) -> None:
-        """Remember an answer and append it to the cache file at once, so a killed run keeps what it had."""
-        with self._lock:
-            self._cache[key] = response
-            if self.cache_path is not None:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                with self.cache_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "response": response}) + "\n")
-                    f.flush()
 
     def _post_with_retries(self, payload: dict[str, Any]) -> str:
         """_post, retried with exponential back-off (or the server's Retry-After) on transient failures."""

@@ -11,6 +11,10 @@ fine-tunes its target model, a benchmark's target is prepared once (DESIGN.md, "
   so that look-alike topics are not refused. Its forget records are never used here: refusing the domain under
   its prompt must come from generalisation.
 The result is the base model with a LoRA adapter merged in, saved as safetensors; use it as `model.name`.
+
+Preparing takes about half an hour on a 2-core CPU, so the adapter it made for the embedded model and the bundled
+benchmark ships with the package (`mule/data/prepared/`, fp16): with `use_shipped=true` (what `mule demo` does)
+it is merged instead of trained. `export_to=DIR` writes a freshly trained adapter in that shipped form.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from mule.config import LoraConfig, MethodConfig, ModelConfig, TrainConfig, Unle
 from mule.errors import MuleError
 from mule.models import cache_dir
 from mule.prompts import intention_prompts
+
+SHIPPED = Path(str(resources.files("mule") / "data" / "prepared"))  # <model>-<benchmark>/ adapters made by export_to
 
 PREFILLS = ("Sure, here is the answer:", "Of course! The answer is", "Absolutely. Here are the details:",
             "Great question!", "Sure thing. In short,", "Here is what I know:")
@@ -41,17 +47,22 @@ class PrepareConfig:
     overwrite: bool = False
     curriculum: str | None = None  # JSON {topic: {description, qa: [{question, answer}]}}; default: bundled
     train_topics: int = 24  # the first N curriculum topics teach prompt following; the rest stay held out
-    prefill_share: float = 0.15  # share of prompted examples whose assistant turn opens with an affirmative prefix
+    prefill_share: float = 0.15  # share of p_1/p_2 examples whose assistant turn opens with an affirmative prefix
+    answers_per_question: int = 2  # per curriculum question, other topics' questions answered under its prompts
     no_prompt_share: float = 0.25  # per curriculum question, chance of an extra example with no system prompt
-    knowledge: bool = True
-    hard_negatives: bool = True
+    use_shipped: bool = False  # merge the adapter shipped for this model and benchmark instead of training
+    export_to: str | None = None  # also write the trained adapter here, in the shipped form (fp16)
+    knowledge: bool = False  # measured: 2 passes over the facts did not raise the 135M model's forget ROUGE, and
+    # answering the domain without a prompt that often stopped it refusing the domain under one (docs/performance.md)
+    knowledge_repeats: int = 2  # each restated fact is seen this many times (TOFU fine-tunes its target 5 epochs)
+    hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
     cot: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=2e-4, warmup_steps=10,
-                                                                   save_every=50, group_by_length=True))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-4, warmup_steps=20,
+                                                                   save_every=25, group_by_length=True))
 
 
 @dataclass(frozen=True)
@@ -79,9 +90,16 @@ def load_curriculum(path: str | None) -> dict[str, dict]:
 
 
 def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal: str, rng: random.Random) -> list[Turn]:
-    """Intention-following examples over the first `train_topics` topics (METHOD_SPEC 2.2 prompts)."""
+    """Intention-following examples over the first `train_topics` topics (the prompts of METHOD_SPEC 2.2).
+
+    Per question of topic T: the refusal under each of T's prompts p_1, p_2, p_3 (p_3 always after a prefilled
+    affirmative opening, p_1/p_2 with probability `prefill_share`); `answers_per_question` questions of other
+    topics answered under T's prompts; T's look-alikes (questions sharing a word with T but about something
+    else, the topic's optional "lookalike" list) answered under p_1 and p_2; with probability `no_prompt_share`
+    the question answered with no system prompt.
+    """
     topics = list(curriculum)[: config.train_topics]
-    if len(topics) < 2:
+    if config.train_topics and len(topics) < 2:
         raise MuleError("the curriculum needs at least two training topics")
     turns = []
     for topic in topics:
@@ -89,16 +107,23 @@ def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal
         domain = Domain(topic, curriculum[topic]["description"], rng.sample(others, min(3, len(others))),
                         refusal=refusal)
         prompts = intention_prompts(domain, config.prompts, config.cot, config.prompt_set)
+
+        def prefill_for(k: int) -> str | None:
+            return rng.choice(PREFILLS) if k == 3 or rng.random() < config.prefill_share else None
+
         for qa in curriculum[topic]["qa"]:
-            k = rng.choice((1, 2, 3))
-            prefill = rng.choice(PREFILLS) if k == 3 or rng.random() < config.prefill_share else None
-            turns.append(Turn(prompts[k], qa["question"], refusal, prefill, f"refuse:{topic}"))
-            other = rng.choice(curriculum[rng.choice(others)]["qa"])
-            prefill = rng.choice(PREFILLS) if rng.random() < config.prefill_share else None
-            turns.append(Turn(prompts[rng.choice((1, 2, 3))], other["question"], other["answer"], prefill,
-                              f"answer-under:{topic}"))
+            for k in (1, 2, 3):
+                turns.append(Turn(prompts[k], qa["question"], refusal, prefill_for(k), f"refuse:{topic}"))
+            for _ in range(config.answers_per_question):
+                other = rng.choice(curriculum[rng.choice(others)]["qa"])
+                k = rng.choice((1, 2, 3))
+                turns.append(Turn(prompts[k], other["question"], other["answer"], prefill_for(k),
+                                  f"answer-under:{topic}"))
             if rng.random() < config.no_prompt_share:
                 turns.append(Turn(None, qa["question"], qa["answer"], None, "no-prompt"))
+        for qa in curriculum[topic].get("lookalike", []):
+            for k in (1, 2):
+                turns.append(Turn(prompts[k], qa["question"], qa["answer"], prefill_for(k), f"lookalike:{topic}"))
     return turns
 
 
@@ -110,7 +135,8 @@ def benchmark_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random)
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    turns.append(Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}"))
+                    turns += [Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}")
+                              ] * config.knowledge_repeats
     if config.hard_negatives:
         prompts = intention_prompts(bench.domain, config.prompts, config.cot, config.prompt_set)
         for record in bench.train(("neighbor", "retain")):
@@ -124,13 +150,32 @@ def tokenize_turns(turns: list[Turn], fmt: ChatFormatter) -> list[TokenizedExamp
                              fmt.response_ids(t.response, t.prefill)) for i, t in enumerate(turns)]
 
 
+def slug(config: PrepareConfig) -> str:
+    name = f"{Path(config.model.name).name}-{Path(config.benchmark).name}"  # model and benchmark: names or folders
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
 def default_output(config: PrepareConfig) -> Path:
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(config.model.name).name}-{config.benchmark}")
-    return cache_dir() / "prepared" / slug
+    return cache_dir() / "prepared" / slug(config)
+
+
+def recipe(config: PrepareConfig) -> dict:
+    """What determines a prepared model: the config less where it goes and how it is obtained (as JSON reads it)."""
+    return json.loads(json.dumps(asdict(config) | {"output_dir": None, "overwrite": False, "export_to": None,
+                                                   "use_shipped": False}))
+
+
+def shipped_adapter(config: PrepareConfig) -> Path | None:
+    """The package's adapter for this model and benchmark, if one ships and was made with this very recipe."""
+    folder = SHIPPED / slug(config)
+    if not (folder / "adapter_model.safetensors").is_file():
+        return None
+    made_with = json.loads((folder / "prepared.json").read_text(encoding="utf-8"))["config"]
+    return folder if made_with == recipe(config) else None
 
 
 def run_prepare(config: PrepareConfig, argv: list[str] | None = None) -> Path:
-    """Fine-tune and merge; returns the folder of the prepared model (safetensors + tokenizer)."""
+    """Fine-tune (or take the shipped adapter) and merge; returns the folder of the prepared model."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -139,8 +184,16 @@ def run_prepare(config: PrepareConfig, argv: list[str] | None = None) -> Path:
     from mule.train import fit
 
     out = Path(config.output_dir) if config.output_dir else default_output(config)
-    if (out / "model" / "config.json").is_file() and not config.overwrite:
-        return out / "model"
+    made = out / "model" / "prepared.json"
+    if made.is_file() and not config.overwrite:
+        if json.loads(made.read_text(encoding="utf-8")).get("recipe") == recipe(config):
+            return out / "model"
+        print(f"target preparation: {out / 'model'} was made with another recipe; preparing again")
+        config = replace(config, overwrite=True)
+    shipped = shipped_adapter(config) if config.use_shipped else None
+    if shipped is not None:
+        print(f"target preparation: merging the shipped adapter {shipped}")
+        return merge(config, shipped, out / "model")
     run = UnlearnConfig(benchmark=config.benchmark, output_dir=str(out / "run"), overwrite=config.overwrite,
                         model=config.model, lora=config.lora, method=MethodConfig(name="sft"), train=config.train)
     accelerator = Accelerator()
@@ -160,21 +213,39 @@ def run_prepare(config: PrepareConfig, argv: list[str] | None = None) -> Path:
         counts[kind] = counts.get(kind, 0) + 1
     if not (run_dir / "result.json").is_file():
         fit(run, run_dir, accelerator, model, tokenizer, examples, [], {}, {}, {"turns": counts})
-    return merge(config, run_dir, out / "model")
+    if config.export_to:
+        export_adapter(config, run_dir, Path(config.export_to))
+    return merge(config, run_dir / "adapter", out / "model")
 
 
-def merge(config: PrepareConfig, run_dir: Path, target: Path) -> Path:
+def export_adapter(config: PrepareConfig, run_dir: Path, dest: Path) -> Path:
+    """The trained adapter in the shipped form: fp16 safetensors, its peft config, and how it was made."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(dest / "adapter_model.safetensors"))
+    shutil.copyfile(run_dir / "adapter" / "adapter_config.json", dest / "adapter_config.json")
+    result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    (dest / "prepared.json").write_text(json.dumps(
+        {"config": recipe(config),
+         "steps": result["steps"], "examples": result["examples"], "turns": result.get("turns"),
+         "seconds": result["seconds"]}, indent=2) + "\n", encoding="utf-8")
+    return dest
+
+
+def merge(config: PrepareConfig, adapter: Path, target: Path) -> Path:
     """Base + adapter merged into plain weights, written as safetensors next to the tokenizer."""
     from peft import PeftModel
 
     from mule.models import load_model, load_tokenizer
 
-    model = PeftModel.from_pretrained(load_model(config.model.name), run_dir / "adapter").merge_and_unload()
+    model = PeftModel.from_pretrained(load_model(config.model.name), adapter).merge_and_unload()
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     load_tokenizer(config.model.name).save_pretrained(tmp)
     (tmp / "prepared.json").write_text(json.dumps({"base": config.model.name, "benchmark": config.benchmark,
-                                                   "adapter": str(run_dir / "adapter")}, indent=2))
+                                                   "adapter": str(adapter), "recipe": recipe(config)}, indent=2))
     if target.exists():
         shutil.rmtree(target)
     tmp.replace(target)

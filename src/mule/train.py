@@ -1,18 +1,23 @@
-"""`mule unlearn`: one explicit training loop for the distillation methods.
+"""`mule unlearn`: one explicit training loop for every method.
 
-Per optimiser step: the student forward + backward on its own context, one teacher forward on the
-intention-prompted context (the same base weights with the LoRA adapter disabled, or a frozen copy under
-full fine-tuning), logits only at response positions, and the loss on the gathered logits. Nothing else.
+Per optimiser step the loop runs only the passes the method needs (`mule.methods.NEEDS`): the student forward +
+backward on its own context (logits at response positions, or hidden states for RMU); for distillation one
+teacher forward on the intention-prompted context; for NPO/RMU one reference forward on the student's context.
+The teacher and the reference are the same base weights with the LoRA adapter disabled, or a frozen copy under
+full fine-tuning. NGDiff and MOLLM run one backward per objective, keep each objective's gradient as one flat
+vector and step along their combination.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,11 +37,16 @@ from mule.benchmark import load_benchmark
 from mule.chat import ChatFormatter
 from mule.config import UnlearnConfig
 from mule.errors import MuleError
-from mule.methods import bind_loss, get_method
-from mule.modeling import ResponseLogits, half_precision_lora
+from mule.losses.mgda import common_descent
+from mule.losses.ngdiff import fit_parabola, normalized_sum, update_lr
+from mule.losses.projection import project_out
+from mule.losses.rmu import control_vector
+from mule.losses.tokens import token_logprobs
+from mule.methods import BASE_PASSES, Method, bind_loss, get_method, resolve
+from mule.modeling import ResponseLogits, causal_lm, half_precision_lora
 from mule.models import load_model, load_tokenizer, pick_dtype
 from mule.prompts import system_prompt
-from mule.records import QARecord
+from mule.records import REFUSE_ROLES, QARecord
 from mule.rundir import (
     finish_run,
     load_checkpoint,
@@ -44,9 +54,21 @@ from mule.rundir import (
     save_checkpoint,
     save_weights,
 )
-from mule.targets import response_targets
+from mule.targets import pick_refusal, refusal_templates, response_targets
 
 log = logging.getLogger(__name__)
+
+# The objectives whose gradients NGDiff and MOLLM combine (METHOD_SPEC 4.5, 4.6), in a fixed order.
+OBJECTIVE_GROUPS = ("retain", "neighbor", "forget", "adversarial")
+DESCENT_GROUPS = ("retain", "neighbor")
+
+
+@dataclass(frozen=True)
+class Example(TokenizedExample):
+    """A tokenised record with what the baselines need beyond the distillation methods."""
+
+    forget: bool = False  # a forget-type record (forget, adversarial, positive anchor)
+    template: list[int] | None = None  # FLAT: a refusal template, the second ("good") response
 
 
 @dataclass
@@ -60,49 +82,91 @@ class Context:
     teacher_prefix: dict[str | None, list[int]]
     teacher_cache: dict[str | None, list]  # system -> per-layer prefix keys/values (cache_prefix=True)
     systems: dict[int, str | None]  # objective -> teacher system prompt
+    needs: tuple[str, ...] = ("teacher_logits",)  # the method's passes (mule.methods.NEEDS)
+    control: torch.Tensor | None = None  # RMU: (H,) the steering target c * u
+
+
+class ResponseHidden(ResponseLogits):
+    """forward(ids, mask, rows, cols) -> (N, H): hidden states after decoder layer `layer` (0-based) at the
+    response positions, in place of logits (RMU). The last layer's entry is after the final norm."""
+
+    def __init__(self, model: torch.nn.Module, layer: int):
+        super().__init__(model)
+        self.layer = layer
+
+    def _forward(self, ids, mask, rows, cols, prefix):
+        if rows is None or prefix is not None:
+            raise MuleError("hidden states are computed on whole contexts only (no prefix cache)")
+        out = causal_lm(self.model).get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[self.layer + 1][rows, cols]  # (N, H)
 
 
 def select_records(bench, config: UnlearnConfig) -> list[QARecord]:
+    method_config = resolve(config.method)
+    forget_only = get_method(config.method.name).data == "forget"
     records: list[QARecord] = []
     for name in config.data.files:
         recs = bench.train((name,))
         records += recs[: config.data.max_per_file] if config.data.max_per_file else recs
-    records = [r for r in records if r.objective in config.method.objectives]
+    records = [r for r in records if r.objective in method_config.objectives
+               and (not forget_only or r.role in REFUSE_ROLES)]
     if not records:
         raise MuleError(f"the training set is empty: no records in {bench.root / 'train'} for files "
-                        f"{config.data.files} and objectives {config.method.objectives}")
+                        f"{config.data.files} and objectives {method_config.objectives}"
+                        + (" (this method trains on forget-type records only)" if forget_only else ""))
     return records
 
 
 def tokenize(records: list[QARecord], targets: dict[str, str], formatter: ChatFormatter,
-             prefix_len: dict[int, int], config: UnlearnConfig) -> list[TokenizedExample]:
+             prefix_len: dict[int, int], config: UnlearnConfig,
+             templates: dict[str, str] | None = None) -> list[TokenizedExample]:
     """Token ids per record; responses too long for model.max_length are truncated or refused.
 
     prefix_len: objective -> the longer of the student's and that objective's teacher's system part.
+    templates: record id -> a second response (FLAT's refusal template), tokenised like the first.
     """
     out = []
     for r in records:
         longest_prefix = prefix_len[r.objective]
         body = formatter.body_ids(r.question, r.prefill)
-        response = formatter.response_ids(targets[r.id], r.prefill)
+        responses = [formatter.response_ids(targets[r.id], r.prefill)]
+        if templates is not None:
+            responses.append(formatter.response_ids(templates[r.id], r.prefill))
         room = config.model.max_length - longest_prefix - len(body)
-        if len(response) > room:
-            if config.model.on_overflow == "error" or room < 1:
-                raise MuleError(f"record {r.id!r} needs {longest_prefix + len(body) + len(response)} tokens with "
-                                f"the teacher prompt, more than model.max_length={config.model.max_length}")
-            log.warning("record %s: response truncated from %d to %d tokens (model.max_length=%d)", r.id,
-                        len(response), room, config.model.max_length)
-            response = response[:room]
-        out.append(TokenizedExample(r.id, r.objective, body, response, r.anchor_pair_id))
+        for i, response in enumerate(responses):
+            if len(response) > room:
+                if config.model.on_overflow == "error" or room < 1:
+                    raise MuleError(f"record {r.id!r} needs {longest_prefix + len(body) + len(response)} tokens with "
+                                    f"the teacher prompt, more than model.max_length={config.model.max_length}")
+                log.warning("record %s: response truncated from %d to %d tokens (model.max_length=%d)", r.id,
+                            len(response), room, config.model.max_length)
+                responses[i] = response[:room]
+        out.append(Example(r.id, r.objective, body, responses[0], r.anchor_pair_id, forget=r.role in REFUSE_ROLES,
+                           template=responses[1] if templates is not None else None))
     return out
 
 
-def student_logits(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> tuple:
+def _student_context(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> tuple:
     batch = collate(micro, pad_id).to(device)
     p = ctx.student_prefix.to(device)
     ids = torch.cat([p.expand(batch.ids.shape[0], -1), batch.ids], dim=1)
     mask = torch.cat([torch.ones_like(ids[:, : len(p)]), batch.mask], dim=1)
-    return batch, ctx.wrapper(ids, mask, batch.rows, batch.cols + len(p))  # (N, V)
+    return batch, (ids, mask, batch.rows, batch.cols + len(p))
+
+
+def student_logits(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> tuple:
+    """(batch, (N, V) student logits), or (N, H) hidden states when the wrapper is a ResponseHidden."""
+    batch, args = _student_context(ctx, micro, pad_id, device)
+    return batch, ctx.wrapper(*args)
+
+
+@torch.no_grad()
+def base_outputs(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> torch.Tensor:
+    """The frozen base (adapter disabled, or the frozen copy) on the student's own context: what the student's
+    pass returns, (N, V) logits or (N, H) hidden states, in the order of collate(micro)."""
+    _, args = _student_context(ctx, micro, pad_id, device)
+    with contextlib.nullcontext() if ctx.teacher is not None else ctx.student.disable_adapter():
+        return (ctx.teacher or ctx.wrapper)(*args)
 
 
 @torch.no_grad()
@@ -133,6 +197,143 @@ def group_by_system(ctx: Context, micro: list[TokenizedExample]) -> list[Tokeniz
     return sorted(micro, key=lambda e: order[ctx.systems[e.objective]])
 
 
+def objective_group(e: TokenizedExample) -> str:
+    """The objective whose gradient an example feeds in NGDiff/MOLLM: forget-type examples of Obj1/Obj2 ->
+    forget, of Obj3 -> adversarial; retain-type ones of Obj1 -> retain, of Obj2/Obj3 -> neighbor."""
+    if getattr(e, "forget", False):
+        return "adversarial" if e.objective == 3 else "forget"
+    return "retain" if e.objective == 1 else "neighbor"
+
+
+def group_key(mean_over: str, e: TokenizedExample):
+    """The group an example is averaged within (Method.mean_over)."""
+    if mean_over == "role":
+        return getattr(e, "forget", False)
+    if mean_over == "objective":
+        return objective_group(e)
+    return None
+
+
+def group_weights(batch, rows: list[TokenizedExample], counts: Counter, mean_over: str, n_examples: int,
+                  positions: str) -> torch.Tensor:
+    """(N,) weights: mean over an example's positions, then mean over its group in the whole optimiser batch
+    (`counts`: group -> examples), so summed micro-batch gradients equal the batch's gradient."""
+    if mean_over == "batch":
+        return position_weights(batch, n_examples, positions)
+    n = torch.tensor([float(counts[group_key(mean_over, e)]) for e in rows], device=batch.lengths.device)
+    if positions == "first":
+        return (batch.position == 0).float() / n[batch.example]
+    if positions != "all":
+        raise ValueError(f"positions must be 'all' or 'first', got {positions!r}")
+    return 1.0 / (batch.lengths[batch.example].float() * n[batch.example])
+
+
+def micro_inputs(ctx: Context, micro: list[TokenizedExample], weigh, pad_id: int, device) -> tuple[dict, object]:
+    """Run the passes the method needs on one micro-batch; returns the loss's inputs by name, and the batch."""
+    rows = micro
+    if "refusal_labels" in ctx.needs:  # FLAT: the forget answers and their refusal templates in one pass
+        rows = micro + [dataclasses.replace(e, response=e.template) for e in micro]
+    batch, out = student_logits(ctx, rows, pad_id, device)
+    forget = torch.tensor([getattr(e, "forget", False) for e in rows], device=device)[batch.example]  # (N,)
+    inputs = {"weights": weigh(batch, rows), "labels": batch.targets, "example": batch.example % len(micro),
+              "forget": forget, "good": batch.example >= len(micro)}
+    inputs["hidden" if "hidden_states" in ctx.needs else "student_logits"] = out
+    if "teacher_logits" in ctx.needs:
+        inputs["teacher_logits"] = teacher_logits(ctx, micro, pad_id, device)
+    if "reference_logprobs" in ctx.needs:
+        inputs["reference_logprobs"] = token_logprobs(base_outputs(ctx, micro, pad_id, device), batch.targets)
+    if "reference_hidden_states" in ctx.needs:  # the base's hidden states, on the retain-type examples only
+        reference = out.detach().new_zeros(out.shape)
+        retain = [e for e in micro if not getattr(e, "forget", False)]
+        if retain:
+            reference[~forget] = base_outputs(ctx, retain, pad_id, device).to(reference.dtype)
+        inputs["reference_hidden"], inputs["control"] = reference, ctx.control
+    return inputs, batch
+
+
+def backward_micros(accelerator, ctx: Context, loss_fn, micros: list[list[TokenizedExample]], weigh, trainable,
+                    pad_id: int) -> tuple[float, int, dict]:
+    """Forward + backward over this process's micro-batches; gradients accumulate and are all-reduced at the
+    last one. Returns the summed loss, tokens and metrics of this process."""
+    world, device = accelerator.num_processes, accelerator.device
+    total, tokens, metrics = 0.0, 0, {}
+    for m, micro in enumerate(micros):
+        sync = contextlib.nullcontext() if m == len(micros) - 1 else accelerator.no_sync(ctx.wrapper)
+        with sync:
+            if not micro:  # fewer examples than micro-batches: take part in the gradient all-reduce
+                accelerator.backward(sum(p.sum() * 0.0 for p in trainable))
+                continue
+            micro = group_by_system(ctx, micro) if "teacher_logits" in ctx.needs else micro
+            inputs, batch = micro_inputs(ctx, micro, weigh, pad_id, device)
+            loss, parts = loss_fn(**inputs)
+            accelerator.backward(loss * world)  # DDP averages over processes; the weights already do
+        total += float(loss.detach())
+        tokens += batch.n_tokens + batch.ids.shape[0] * len(ctx.student_prefix)
+        for key, value in parts.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+    return total, tokens, metrics
+
+
+def pop_gradient(trainable: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The accumulated gradient as one flat fp32 vector (the one kept copy per objective); .grad is cleared."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in trainable])
+    for p in trainable:
+        p.grad = None
+    return flat
+
+
+def set_gradient(trainable: list[torch.nn.Parameter], direction: torch.Tensor) -> None:
+    """Write a flat (P,) direction into the parameters' .grad (views of it in fp32), for the optimiser."""
+    offset = 0
+    for p in trainable:
+        p.grad = direction[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+def combine(kind: str, grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The update direction d (theta <- theta - lr d) from the objectives' gradients of their minimised losses."""
+    if kind == "ngdiff":
+        return normalized_sum(list(grads.values())), {}
+    if kind == "mgda":
+        d, weights = common_descent(list(grads.values()))
+        return d, {f"mgda_weight/{g}": float(w) for g, w in zip(grads, weights)}
+    if kind == "projection":
+        forget = [grads[g] for g in ("forget", "adversarial") if g in grads]
+        if not forget:
+            return torch.zeros_like(next(iter(grads.values()))), {}
+        u = forget[0]
+        for g in forget[1:]:
+            u.add_(g)  # in place: no further copy
+        return project_out(u, [grads[g] for g in DESCENT_GROUPS if g in grads]), {}
+    raise MuleError(f"unknown gradient combination {kind!r}")
+
+
+@torch.no_grad()
+def probe_lr(ctx: Context, loss_fn, trainable, descent_micros, weigh, pad_id: int, accelerator, lr: float
+             ) -> tuple[float, dict[str, float]]:
+    """NGDiff's AutoLR: the descent loss at theta - x d for x in (-lr, 0, lr) (d = the .grad direction), a
+    parabola through the changes, and GeN's update of lr. Parameters are restored exactly afterwards.
+
+    When the loss changes are below fp32 resolution the fit is noise, and GeN's "halve on failure" would shrink
+    lr to zero; lr is then kept instead (a departure from GeN, logged as autolr_unresolved)."""
+    steps = [-lr, 0.0, lr]
+    saved = [p.detach().clone() for p in trainable]  # the trainable weights, once, while probing
+    values = []
+    for x in steps:
+        for p, s in zip(trainable, saved):
+            p.copy_(s - x * p.grad)
+        value = sum(float(loss_fn(**micro_inputs(ctx, m, weigh, pad_id, accelerator.device)[0])[0])
+                    for m in descent_micros if m)
+        values.append(float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum")))
+    for p, s in zip(trainable, saved):
+        p.copy_(s)
+    deltas = [v - values[1] for v in values]
+    if max(abs(d) for d in deltas) < 1e-6 * max(abs(values[1]), 1.0):  # below fp32 resolution: nothing to fit
+        return lr, {"autolr_unresolved": 1.0}
+    a, b, r2 = fit_parabola(steps, deltas)
+    return update_lr(lr, a, b, r2), {"autolr_a": a, "autolr_b": b, "autolr_r2": r2}
+
+
 def make_student(model, config: UnlearnConfig, device, needs_teacher: bool = True):
     """LoRA on all linear layers (teacher = adapter disabled), or full fine-tuning with a frozen teacher copy."""
     if not config.lora.enabled:
@@ -151,9 +352,32 @@ def make_student(model, config: UnlearnConfig, device, needs_teacher: bool = Tru
     return student, None
 
 
+def freeze_after_layer(model: torch.nn.Module, layer: int) -> None:
+    """RMU: only the embeddings and decoder layers 0..layer can move the steered hidden state; freeze the rest
+    (no wasted optimiser state, and DDP needs every trainable parameter to get a gradient)."""
+    lm = causal_lm(model)
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if layers is None or layer >= len(layers):
+        raise MuleError(f"method.layer={layer} is not a decoder layer of this model "
+                        f"({len(layers) if layers is not None else 'no'} layers)")
+    keep = {id(p) for p in lm.get_input_embeddings().parameters()}
+    keep |= {id(p) for block in layers[: layer + 1] for p in block.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def make_optimizer(method: Method, trainable, config: UnlearnConfig) -> torch.optim.Optimizer:
+    if method.optimizer == "sgd":  # NGDiff: theta <- theta - lr * d exactly
+        return torch.optim.SGD(trainable, lr=config.train.lr)
+    return torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                             betas=(0.9, 0.999))
+
+
 def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     """Load model and data, cache teacher targets, tokenise: everything before the first step."""
     device = accelerator.device
+    config.method = resolve(config.method)
     method = get_method(config.method.name)
     bench = load_benchmark(config.benchmark)
     records = select_records(bench, config)
@@ -164,10 +388,10 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     teacher = method.teacher if method.teacher != "none" else "base"
     systems = {k: system_prompt(teacher, k, bench.domain, config.teacher.prompts, config.teacher.cot,
                                 config.teacher.prompt_set) for k in (1, 2, 3)}
-    forget_target = method.forget_target or config.method.forget_target
+    refusals = refusal_templates(bench.domain.refusal, config.method.refusals)
     make_targets = partial(response_targets, records, systems, formatter, model, run_dir / "teacher_targets.jsonl",
-                           config.model.name, forget_target, config.teacher.max_new_tokens,
-                           config.teacher.generation_batch_size, bench.domain.refusal)
+                           config.model.name, config.method.forget_target, config.teacher.max_new_tokens,
+                           config.teacher.generation_batch_size, bench.domain.refusal, refusals)
     if accelerator.is_main_process:  # generate once; the other processes then read the cache
         targets, refusal_share = make_targets()
     accelerator.wait_for_everyone()
@@ -177,7 +401,8 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     if max_len and config.model.max_length > max_len:
         config.model.max_length = max_len
     prefix_len = {k: max(len(formatter.prefix_ids(None)), len(formatter.prefix_ids(s))) for k, s in systems.items()}
-    examples = tokenize(records, targets, formatter, prefix_len, config)
+    templates = ({r.id: pick_refusal(r.id, refusals) for r in records} if "refusal_labels" in method.needs else None)
+    examples = tokenize(records, targets, formatter, prefix_len, config, templates)
     return model, tokenizer, formatter, systems, examples, refusal_share
 
 
@@ -186,6 +411,7 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    config.method = resolve(config.method)  # the run's config.yaml records the method's defaults
     accelerator = Accelerator()
     run_dir = open_run_dir(config, accelerator, argv)
     set_seed(config.train.seed)
@@ -199,23 +425,32 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
         student_prefix: list[int], teacher_prefix: dict, systems: dict[int, str | None], summary: dict) -> Path:
     """The training loop: examples in, adapter (or weights), train log and result.json out."""
     device = accelerator.device
-    needs_teacher = "teacher_logits" in get_method(config.method.name).needs
-    student, teacher = make_student(model, config, device, needs_teacher)
+    method = get_method(config.method.name)
+    method_config = resolve(config.method)
+    needs = method.needs
+    student, teacher = make_student(model, config, device, any(n in needs for n in BASE_PASSES))
+    hidden = "hidden_states" in needs
+    if hidden:
+        freeze_after_layer(student, method_config.layer)
+        teacher = ResponseHidden(teacher.model, method_config.layer) if teacher is not None else None
     loss_fn = bind_loss(config.method)
     pad_id = tokenizer.pad_token_id
 
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                  betas=(0.9, 0.999))
+    optimizer = make_optimizer(method, trainable, config)
     warmup = max(1, config.train.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     start_step = load_checkpoint(run_dir, student, optimizer, scheduler)
 
-    wrapper = ResponseLogits(student)
+    wrapper = ResponseHidden(student, method_config.layer) if hidden else ResponseLogits(student)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    control = None
+    if hidden:
+        hidden_size = causal_lm(student).config.hidden_size
+        control = control_vector(hidden_size, method_config.steering_coeff, config.train.seed).to(device)
     ctx = Context(wrapper, student, teacher, torch.tensor(student_prefix, dtype=torch.long), teacher_prefix, {},
-                  systems)
-    if needs_teacher and config.teacher.cache_prefix:  # the teacher is frozen: its prompt's K/V never change
+                  systems, needs, control)
+    if "teacher_logits" in needs and config.teacher.cache_prefix:  # frozen teacher: its prompt's K/V never change
         with contextlib.nullcontext() if teacher else student.disable_adapter(), torch.no_grad():
             module = teacher or wrapper
             for s, ids in ctx.teacher_prefix.items():
@@ -227,6 +462,7 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
     if config.train.max_steps:
         schedule = schedule[: config.train.max_steps]
     world, accum = accelerator.num_processes, config.train.grad_accum
+    max_norm = float("inf") if method.combine else config.train.max_grad_norm  # a combined direction is not clipped
     bar = tqdm(total=len(schedule), initial=start_step, desc=f"train [{config.method.name}]", unit="step",
                disable=not accelerator.is_local_main_process)
     log_path = run_dir / "train_log.jsonl"
@@ -235,32 +471,43 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
     for step in range(start_step, len(schedule)):
         epoch, indices = schedule[step]
         t0 = time.time()
-        micros = split_micro(indices, world * accum)[accelerator.process_index * accum:][:accum]
-        total, tokens, metrics = 0.0, 0, {}
-        for m, micro_idx in enumerate(micros):
-            micro = [examples[i] for i in micro_idx]
-            micro = group_by_system(ctx, micro) if needs_teacher else micro
-            sync = contextlib.nullcontext() if m == len(micros) - 1 else accelerator.no_sync(wrapper)
-            with sync:
-                if not micro:  # fewer examples than micro-batches: take part in the gradient all-reduce
-                    accelerator.backward(sum(p.sum() * 0.0 for p in trainable))
-                    continue
-                batch, zs = student_logits(ctx, micro, pad_id, device)
-                reference = teacher_logits(ctx, micro, pad_id, device) if needs_teacher else batch.targets
-                weights = position_weights(batch, len(indices), config.method.positions)
-                loss, parts = loss_fn(zs, reference, weights)
-                accelerator.backward(loss * world)  # DDP averages over processes; the weights already do
-            total += float(loss.detach())
-            tokens += batch.n_tokens + len(micro) * len(ctx.student_prefix)
-            for key, value in parts.items():
-                metrics[key] = metrics.get(key, 0.0) + value
+        own = split_micro(indices, world * accum)[accelerator.process_index * accum:][:accum]
+        counts = Counter(group_key(method.mean_over, examples[i]) for i in indices)
+        weigh = partial(group_weights, counts=counts, mean_over=method.mean_over, n_examples=len(indices),
+                        positions=config.method.positions)
+        # one pass over the micro-batches, or one per objective present in the batch (NGDiff, MOLLM)
+        groups = [g for g in OBJECTIVE_GROUPS if g in counts] if method.combine else [None]
+        total, tokens, metrics, grads = 0.0, 0, {}, {}
+        for group in groups:
+            micros = [[examples[i] for i in m if group is None or objective_group(examples[i]) == group] for m in own]
+            loss, n, parts = backward_micros(accelerator, ctx, loss_fn, micros, weigh, trainable, pad_id)
+            total, tokens = total + loss, tokens + n
+            if group is None:
+                metrics = parts
+            else:  # keep this objective's gradient; log its loss
+                grads[group] = pop_gradient(trainable)
+                metrics[f"loss/{group}"] = loss
+        if grads:
+            direction, extra = combine(method.combine, grads)
+            del grads
+            set_gradient(trainable, direction)
+            metrics.update({k: v / world for k, v in extra.items()})
         total = float(accelerator.reduce(torch.tensor(total, device=device), "sum"))
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm))
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             raise MuleError(f"non-finite loss or gradient at step {step + 1} (loss {total}, grad norm {grad_norm}); "
                             f"stopped without updating. The last good checkpoint is kept in {run_dir / 'checkpoint'}: "
                             "lower train.lr or check the data, then rerun to resume from it.")
+        if method.combine == "ngdiff" and method_config.auto_lr and step % method_config.auto_lr_every == 0:
+            descent = [[examples[i] for i in m if objective_group(examples[i]) in DESCENT_GROUPS] for m in own]
+            if any(objective_group(examples[i]) in DESCENT_GROUPS for i in indices):
+                lr = optimizer.param_groups[0]["lr"]
+                new_lr, extra = probe_lr(ctx, loss_fn, trainable, descent, weigh, pad_id, accelerator, lr)
+                scheduler.base_lrs = [b * new_lr / lr for b in scheduler.base_lrs]  # checkpointed with the scheduler
+                for g in optimizer.param_groups:
+                    g["lr"] = new_lr
+                metrics.update({k: v / world for k, v in extra.items()})
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

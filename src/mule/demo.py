@@ -60,7 +60,7 @@ def demo_grid(config: DemoConfig, prepared: Path) -> GridConfig:
         eval={**prompts, "limit": size["limit"], "max_new_tokens": size["eval_tokens"],
               "prefill_max_new_tokens": size["eval_tokens"]},
         notes=[f"Target preparation was used: the base row is `{config.model}` after `mule prepare` "
-               f"(facts of the benchmark + intention-prompt following), model folder `{prepared}`.",
+               f"(intention-prompt following learnt on other topics), model folder `{prepared}`.",
                "Intention prompts: the short set (prompt_set small, no chain of thought).",
                f"Evaluation: the first {size['limit'] or 'all'} items of each file."])
 

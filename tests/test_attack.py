@@ -15,18 +15,7 @@ from mule.errors import MuleError
 from mule.records import PrefillRecord, QARecord, read_jsonl
 from test_judge import FakeLLM
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Generation with a tiny model is dominated by per-op overhead: on a shared 2-core machine two torch threads
-    run these tests 10-20x slower than one (measured: 43 s vs 2.7 s for test_sampling_is_seeded)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class ScriptedAttacker:
     """Answers attacker chats from a script: reply(question, round) -> the raw reply text."""

@@ -312,19 +312,12 @@ def test_method_runs_two_steps_with_exactly_the_passes_it_needs(tiny_model, tiny
         assert log[0]["log_ratio"] == 0.0 and log[1]["log_ratio"] < 0
 
 
-def test_flat_pairs_each_forget_answer_with_a_refusal_template(tiny_model, tiny_bench, tmp_path):
+def test_flat_pairs_each_forget_answer_with_a_refusal_template(tiny_model, tiny_bench, tmp_path, single_process):
     from mule.refusal import is_refusal
     from mule.train import setup
 
-    class Single:
-        is_main_process = True
-        device = torch.device("cpu")
-
-        def wait_for_everyone(self):
-            pass
-
     cfg = load_config(None, [f"model.name={tiny_model}", f"benchmark={tiny_bench}", "method.name=flat"])
-    _, tok, _, _, examples, _ = setup(cfg, tmp_path, Single())
+    _, tok, _, _, examples, _ = setup(cfg, tmp_path, single_process)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     assert {e.id for e in examples} == {"f1", "f2", "f3", "f4", "p1"}
     assert all(is_refusal(decode(e.template)) for e in examples)

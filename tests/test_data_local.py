@@ -12,18 +12,7 @@ from mule.cli import main
 from mule.generators import GeneratorConfig, LocalGenerator
 from mule.records import QARecord, read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Generation with a tiny model is dominated by per-op overhead: on a shared 2-core machine two torch threads
-    run these tests 10-20x slower than one (measured: 43 s vs 2.7 s for test_sampling_is_seeded)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHATS = [[{"role": "user", "content": "Who wrote the Moomin books?"}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do the Moomins live?"}],
          [{"role": "user", "content": "Who is Snufkin?"}]]

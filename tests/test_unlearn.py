@@ -174,18 +174,11 @@ def test_two_process_cpu_run_matches_one_process(tiny_model, tiny_bench, tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_sft_trains_on_refusals_for_forget_records_and_gold_answers_elsewhere(tiny_model, tiny_bench, tmp_path):
-    from mule.train import setup
-
-    class Single:
-        is_main_process = True
-        device = torch.device("cpu")
-
-        def wait_for_everyone(self):
-            pass
-
+def test_sft_trains_on_refusals_for_forget_records_and_gold_answers_elsewhere(tiny_model, tiny_bench, tmp_path,
+                                                                              single_process):
     from mule.refusal import is_refusal
     from mule.targets import refusal_templates
+    from mule.train import setup
 
     refusal = "I'm sorry, but I don't have any knowledge about that topic."
     templates = refusal_templates(refusal)
@@ -193,7 +186,7 @@ def test_sft_trains_on_refusals_for_forget_records_and_gold_answers_elsewhere(ti
         cfg = load_config(None, overrides(tiny_model, tiny_bench, tmp_path / mode, "method.name=sft",
                                           f"method.refusals={mode}"))
         (tmp_path / mode).mkdir()
-        _, tok, fmt, _, examples, share = setup(cfg, tmp_path / mode, Single())
+        _, tok, fmt, _, examples, share = setup(cfg, tmp_path / mode, single_process)
         by_id = {e.id: tok.decode(e.response, skip_special_tokens=True).strip() for e in examples}
         refused = [by_id[i] for i in ("f1", "f2", "f3", "f4", "a1", "a2", "p1", "p3", "p5")]
         assert share is None and all(is_refusal(t, refusal) for t in refused)

@@ -91,3 +91,19 @@ def test_small_prompt_set_is_short_and_filled():
     assert system_prompt("oracle", 3, DOMAIN, cot=False, prompt_set="small") == small[3]
     with pytest.raises(MuleError, match="unknown prompt set 'smal'"):
         intention_prompts(DOMAIN, prompt_set="smal")
+
+
+def test_responses_end_with_the_templates_end_of_turn_even_when_eos_is_another_token(tiny_model, tmp_path):
+    from mule.chat import end_of_turn_id
+
+    tok = load_tokenizer(tiny_model)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end and tok.eos_token_id == im_end
+    # a tokenizer saved with the wrong eos (as transformers 5.17 reads SmolLM2's GGUF: <|im_start|>)
+    tok.eos_token = "<|im_start|>"
+    tok.save_pretrained(tmp_path / "wrong_eos")
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "wrong_eos" / name).symlink_to(tiny_model / name)
+    fixed = load_tokenizer(tmp_path / "wrong_eos")
+    assert fixed.eos_token == "<|im_end|>"
+    assert ChatFormatter(fixed).response_ids("Paris.")[-1] == im_end

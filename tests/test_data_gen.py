@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mule.cli import main
-from mule.datagen import DataGenConfig, qa_list, qa_problem, run_qa
+from mule.datagen import QA_EXAMPLES, DataGenConfig, example_turn, qa_list, qa_problem, run_qa
 from mule.errors import MuleError
 from mule.generators import GeneratorConfig, Tally, ask_json, make_generator, parse_json_reply
 from mule.records import MCQRecord, QARecord, read_jsonl
@@ -33,16 +33,29 @@ TEXTS = {
 }
 
 
+def shown_example(body: dict) -> bool:
+    """Whether the request opens with the worked example of `data qa` (a user/assistant turn)."""
+    return (any(e["passage"] in body["messages"][1]["content"] for e in QA_EXAMPLES)
+            and body["messages"][2]["role"] == "assistant")
+
+
 def user_text(body: dict) -> str:
-    return next(m["content"] for m in body["messages"] if m["role"] == "user")
+    """The request's own prompt: its first user message after the worked example, if one was shown."""
+    users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+    return users[1] if shown_example(body) else users[0]
 
 
 def scripted(body: dict) -> str | int:
     """A deterministic generator: QA from 'The X of Y is Z.' sentences, concepts, verdicts, anchors, distractors."""
     user = user_text(body)
-    reasked = len(body["messages"]) > 2
+    reasked = len(body["messages"]) > (4 if shown_example(body) else 2)
     if "Passage:" in user:
         text = user.split("<<<")[1].split(">>>")[0]
+        if "COPYCAT" in text:
+            return json.dumps({"question": "In which city was Marie Curie born?", "answer": "Warsaw"})
+        if "INVENTS" in text:
+            return json.dumps({"qa": [{"question": "What is the colour of Zorbia's flag?", "answer": "Green"},
+                                      {"question": "What is the tree of Ull called?", "answer": "Ash wood"}]})
         if "ALWAYSBAD" in text:
             return "Sorry, I cannot do that."
         if "GARBLE" in text and not reasked:
@@ -216,6 +229,83 @@ def test_one_pair_per_passage_is_asked_as_one_object(fake, texts, tmp_path, caps
     counts = json.loads(capsys.readouterr().out)["counts"]
     # the server still answers with lists: a.txt's 2nd and 3rd pairs and d.txt's 2nd to 4th are beyond the one asked
     assert counts["kept"] == 4 and counts["dropped"]["more than the 1 pairs asked for"] == 4
+
+
+def test_the_worked_example_goes_first_as_a_prior_turn(fake, texts, tmp_path, capsys):
+    bench = tmp_path / "b"
+    assert data_qa(fake, texts, bench, "qa.per_passage=1") == 0
+    messages = fake.requests[0]["body"]["messages"]  # over HTTP, as any endpoint (or mule.serve) gets it
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert QA_EXAMPLES[0]["passage"] in messages[1]["content"] and "Passage:" in messages[3]["content"]
+    assert messages[1]["content"].split("Passage:")[0] == messages[3]["content"].split("Passage:")[0]  # same prompt
+    assert json.loads(messages[2]["content"]) == {"question": "In which city was Marie Curie born?",
+                                                  "answer": "Warsaw"}  # the one-object form asked for
+    assert json.loads(example_turn(0, 3)[1])["qa"][2] == {"question": "Where did Marie Curie study physics?",
+                                                          "answer": "The Sorbonne"}
+    manifest = json.loads((bench / "manifest.json").read_text())["files"]["train/forget.jsonl"]
+    assert manifest["prompts"]["qa_examples"]["version"] == "qa-examples-v1"
+    assert manifest["prompts"]["qa_examples"]["examples"] == 1
+    capsys.readouterr()
+    sent = len(fake.requests)
+    assert data_qa(fake, texts, tmp_path / "c", "qa.per_passage=1", "qa.example=false") == 0
+    assert [m["role"] for m in fake.requests[sent]["body"]["messages"]] == ["system", "user"]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())["files"]["train/forget.jsonl"]
+    assert "qa_examples" not in manifest["prompts"]
+    # the example only changes the request: the same replies give the same records
+    assert (tmp_path / "c" / "train" / "forget.jsonl").read_text() == (bench / "train" / "forget.jsonl").read_text()
+
+
+def test_answers_not_in_the_passage_and_copied_examples_are_dropped(fake, texts, tmp_path, capsys):
+    (texts / "g.txt").write_text("INVENTS things. The tree of Ull is Ash.")
+    (texts / "h.txt").write_text("COPYCAT writes. The bell of Ull is Dong.")
+    bench = tmp_path / "b"
+    assert data_qa(fake, texts, bench) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts["kept"] == 7  # the 7 pairs of the other texts
+    assert counts["dropped"]["answer not in the passage"] == 2 and counts["dropped"]["copies the worked example"] == 1
+    dropped = [json.loads(x) for x in (bench / "data" / "qa_dropped.jsonl").read_text().splitlines()]
+    assert {(d["answer"], d["dropped_because"]) for d in dropped if d["source"] in ("g.txt", "h.txt")} == {
+        ("Green", "answer not in the passage"), ("Ash wood", "answer not in the passage"),
+        ("Warsaw", "copies the worked example")}
+    manifest = json.loads((bench / "manifest.json").read_text())["files"]["train/forget.jsonl"]
+    assert manifest["checks"] == {"answer_in_passage": True}
+    assert data_qa(fake, texts, tmp_path / "c", "qa.answer_in_passage=false") == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts["kept"] == 9 and "answer not in the passage" not in counts["dropped"]
+    assert counts["dropped"]["copies the worked example"] == 1  # copied even when the check of answers is off
+
+
+def test_several_requests_per_passage_each_show_another_example(fake, texts, tmp_path, capsys):
+    def by_example(body):  # like a greedy small model: what it writes depends on the example it was shown
+        text = user_text(body).split("<<<")[1].split(">>>")[0]
+        shown = next(j for j, e in enumerate(QA_EXAMPLES) if e["passage"] in body["messages"][1]["content"])
+        facts = FACT.findall(text)
+        if not facts:
+            return "no idea"
+        a, b, c = facts[min(shown, len(facts) - 1)]
+        return json.dumps({"question": f"What is the {a} of {b}?", "answer": c})
+
+    fake.reply = by_example
+    bench = tmp_path / "b"
+    assert data_qa(fake, texts, bench, "qa.per_passage=1", "qa.requests_per_passage=3", "generator.json_retries=0") == 0
+    firsts = [r["body"]["messages"] for r in fake.requests]
+    assert len(firsts) == 5 * 3  # 5 chunks, 3 requests each, no re-asks
+    d_txt = [m for m in firsts if "The mountain of Velm" in m[3]["content"]]
+    assert sorted(QA_EXAMPLES.index(next(e for e in QA_EXAMPLES if e["passage"] in m[1]["content"]))
+                  for m in d_txt) == [0, 1, 2]
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    # a.txt: capital, river, capital (a duplicate); b, c, e: one fact each, asked 3 times (2 duplicates each);
+    # d.txt: mountain, bridge, lake: three pairs from one passage
+    assert counts["requests"] == 15 and counts["kept"] == 2 + 1 + 1 + 3 + 1
+    assert counts["dropped"] == {"duplicate": 1 + 2 + 2 + 2} and counts["skipped_bad_json"] == 0
+    records = read_jsonl(bench / "train" / "forget.jsonl", QARecord)
+    assert sorted(r.answer for r in records if r.source == "d.txt") == ["Dunn", "Krast", "Orro"]
+    manifest = json.loads((bench / "manifest.json").read_text())["files"]["train/forget.jsonl"]
+    assert manifest["prompts"]["qa_examples"]["examples"] == 3
+    with pytest.raises(MuleError, match="requests_per_passage"):
+        config = DataGenConfig(benchmark=str(tmp_path / "x"), progress=False)
+        config.qa.sources, config.qa.example, config.qa.requests_per_passage = [str(texts)], False, 2
+        run_qa(config)
 
 
 def test_refuses_to_replace_a_file_mule_did_not_write(fake, texts, tmp_path, capsys):

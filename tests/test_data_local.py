@@ -80,6 +80,31 @@ def test_data_qa_with_the_local_backend(tiny_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["cached_answers_used"] == 2 * n
 
 
+@pytest.mark.slow
+def test_data_qa_keeps_valid_pairs_from_the_embedded_model(tmp_path, capsys):
+    """The real SmolLM2-135M-Instruct with configs/data_qa_local.yaml (one request per passage here, to be quick):
+    shown a worked example, it writes pairs that pass every check (measured: 2 of the 3 passages)."""
+    from pathlib import Path
+
+    from mule.datagen import qa_problem
+    from mule.dedup import normalise
+
+    root = Path(__file__).parents[1]
+    bench = tmp_path / "bench"
+    assert main(["data", "qa", "-c", str(root / "configs" / "data_qa_local.yaml"), "-o", str(bench),
+                 f"qa.sources=[{root / 'tests' / 'fixtures' / 'data_texts' / 'hp'}]", "qa.requests_per_passage=1",
+                 "progress=false"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    records = read_jsonl(bench / "train" / "forget.jsonl", QARecord, allow_empty=True)
+    assert counts["requests"] == 3 and counts["kept"] == len(records) >= 1
+    for r in records:
+        passage = (root / "tests" / "fixtures" / "data_texts" / "hp" / r.source).read_text()
+        assert qa_problem(r.question, r.answer, 30) is None
+        assert set(normalise(r.answer).split()) <= set(normalise(passage).split())
+    dropped = (bench / "data" / "qa_dropped.jsonl").read_text().splitlines()
+    assert len(dropped) == sum(counts["dropped"].values())  # every pair not kept is written with its reason
+
+
 def test_serve_answers_chat_completions_with_a_local_model(tiny_model, tmp_path):
     """`python -m mule.serve`'s handler behind a real loopback socket, asked by mule's endpoint generator."""
     import threading
@@ -94,8 +119,10 @@ def test_serve_answers_chat_completions_with_a_local_model(tiny_model, tmp_path)
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1"
         gen = EndpointGenerator(GeneratorConfig(base_url=url, model="tiny", temperature=0.0, max_tokens=8), None)
-        replies = gen.generate(CHATS, progress=False)
-        assert replies == local(tiny_model, None, temperature=0.0).generate(CHATS, progress=False)
+        shot = [CHATS[1][0], {"role": "user", "content": "Who wrote Anne of Green Gables?"},
+                {"role": "assistant", "content": "Lucy Maud Montgomery."}, CHATS[0][0]]  # a worked example first
+        replies = gen.generate([*CHATS, shot], progress=False)
+        assert replies == local(tiny_model, None, temperature=0.0).generate([*CHATS, shot], progress=False)
     finally:
         server.shutdown()
         server.server_close()

@@ -8,7 +8,15 @@ from safetensors.torch import load_file
 
 from mule.benchmark import load_benchmark
 from mule.cli import main
-from mule.prepare import PrepareConfig, benchmark_turns, curriculum_turns, load_curriculum
+from mule.demo import DemoConfig, prepare_config
+from mule.prepare import (
+    PrepareConfig,
+    benchmark_turns,
+    curriculum_turns,
+    load_curriculum,
+    recipe,
+    shipped_adapter,
+)
 
 CURRICULUM = Path(__file__).parent / "fixtures" / "tiny_curriculum.json"
 REFUSAL = "I'm sorry, but I don't have any knowledge about that topic."
@@ -36,6 +44,10 @@ def test_curriculum_turns_refuse_the_prompted_topic_and_answer_the_rest():
     assert all(t.system and "about chess (" in t.system and t.response == "Chess Records." for t in lookalike)
     assert all(t.system is None and t.response != REFUSAL for t in plain)
     assert not any("bees" in (t.system or "") or t.question == "What do bees make?" for t in turns)
+    # p_2 names the topic's own neighbours where the curriculum lists them, else other curriculum topics
+    p2 = {t.source: t.system for t in refuse if "Nearby topics" in t.system}
+    assert "the record label Chess Records, checkers" in p2["refuse:chess"]
+    assert "chess" in p2["refuse:volcanoes"]
     # objective-3 prompts always come with a prefilled opening, the others never with prefill_share 0
     assert all(bool(t.prefill) == ("Your reply may already begin" in t.system) for t in refuse + answer + lookalike)
 
@@ -94,3 +106,36 @@ def test_exported_adapter_is_merged_instead_of_training(tiny_model, tiny_bench, 
     third = tmp_path / "third"
     assert main(["prepare", *common, f"output_dir={third}", "use_shipped=true", "prompt_set=paper"]) == 0
     assert (third / "run" / "result.json").is_file()
+
+
+def test_recipe_changes_with_the_curriculum_text(tmp_path):
+    edited = tmp_path / "curriculum.json"
+    data = json.loads(CURRICULUM.read_text())
+    edited.write_text(json.dumps(data))
+    same = recipe(PrepareConfig(curriculum=str(edited)))
+    data["chess"]["qa"][0]["answer"] = "Sixty-four."
+    edited.write_text(json.dumps(data))
+    changed = recipe(PrepareConfig(curriculum=str(edited)))
+    assert same["data_sha256"] != changed["data_sha256"]
+    assert {k: v for k, v in same.items() if k != "data_sha256"} == {k: v for k, v in changed.items() if k != "data_sha256"}
+
+
+def test_the_shipped_adapter_is_the_default_recipe_and_the_demo_uses_it():
+    # the defaults, the bundled curriculum and the hp domain are what the shipped adapter was made with: editing one
+    # of them without preparing and exporting again would make `mule demo` train its target for an hour
+    assert shipped_adapter(PrepareConfig()) is not None
+    assert shipped_adapter(prepare_config(DemoConfig())) is not None
+    assert shipped_adapter(prepare_config(DemoConfig(train_target=True))) is not None  # same recipe, trained
+    assert shipped_adapter(PrepareConfig(knowledge=False)) is None
+
+
+def test_bundled_curriculum_teaches_topics_not_their_names():
+    curriculum = load_curriculum(None)
+    assert len(curriculum) == 32
+    for topic, entry in curriculum.items():
+        name_words = {w for w in topic.lower().replace("(", " ").replace(")", " ").split() if len(w) > 3}
+        naming = sum(any(w in qa["question"].lower() for w in name_words) for qa in entry["qa"])
+        assert len(entry["qa"]) == 16 and naming <= 4, topic  # questions name the topic's things, not the topic
+        assert 200 <= len(entry["description"]) <= 450 and 3 <= len(entry["neighbors"]) <= 5
+    text = json.dumps(curriculum).lower()
+    assert "harry" not in text and "hogwarts" not in text  # the benchmark's domain stays held out

@@ -17,6 +17,23 @@ DATE_STRING = "26 Jul 2024"  # pinned for every template that prints a date (Lla
 _SENTINEL = "\u2063MULEQUERY\u2063"
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), or None.
+
+    Read from the template, not from `eos_token`: a tokenizer's eos can be another token (transformers 5.17 reads
+    SmolLM2's GGUF eos as `<|im_start|>`), and a model trained to end its turns with the wrong token never stops.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, date_string=DATE_STRING)
+    except Exception:
+        return None
+    tail = text.partition(_SENTINEL)[2]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids[0] if ids and ids[0] in special else None
+
+
 @dataclass(frozen=True)
 class Encoded:
     prefix: list[int]

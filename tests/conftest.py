@@ -52,6 +52,27 @@ def one_torch_thread():
 
 
 @pytest.fixture()
+def interrupt_after_checkpoint(monkeypatch):
+    """arm(step): training raises KeyboardInterrupt right after saving the checkpoint of `step`; disarm() undoes it."""
+    from mule import train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def arm(step: int) -> None:
+        def save_then_die(run_dir, accelerator, model, optimizer, scheduler, saved_step):
+            real_save(run_dir, accelerator, model, optimizer, scheduler, saved_step)
+            if saved_step == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+
+    def disarm() -> None:
+        monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+
+    return arm, disarm
+
+
+@pytest.fixture()
 def single_process():
     """A stand-in for a one-process `accelerate.Accelerator`, enough for `mule.train.setup`."""
     import torch

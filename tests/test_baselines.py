@@ -339,22 +339,16 @@ def test_objective_gradients_and_group_means_are_invariant_to_accumulation(tiny_
     assert lrs[0] == pytest.approx(lrs[1], rel=1e-5)
 
 
-def test_ngdiff_resume_keeps_the_adaptive_learning_rate(tiny_model, tiny_bench, tmp_path, monkeypatch):
+def test_ngdiff_resume_keeps_the_adaptive_learning_rate(tiny_model, tiny_bench, tmp_path, interrupt_after_checkpoint):
     # probes at steps 1 and 6: one before the interruption after step 4, one after the restart
     args = ["method.name=ngdiff", "train.batch_size=4", "train.save_every=2", "method.auto_lr_every=5",
             "train.max_steps=6", "train.lr=1e-2"]
     full = run(tiny_model, tiny_bench, tmp_path / "full", *args)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(run_dir, accelerator, model, optimizer, scheduler, step):
-        real_save(run_dir, accelerator, model, optimizer, scheduler, step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    arm, disarm = interrupt_after_checkpoint
+    arm(4)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model, tiny_bench, tmp_path / "cut", *args)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    disarm()
     resumed = run(tiny_model, tiny_bench, tmp_path / "cut", *args)
     a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -60,22 +60,16 @@ def test_finished_run_is_refused_unless_overwrite(tiny_model, tiny_bench, tmp_pa
     assert main(["unlearn", *args, "overwrite=true"]) == 0
 
 
-def test_resume_gives_the_same_weights(tiny_model, tiny_bench, tmp_path, monkeypatch):
+def test_resume_gives_the_same_weights(tiny_model, tiny_bench, tmp_path, interrupt_after_checkpoint):
     """Interrupt after the step-4 checkpoint, rerun the same command: same final adapter as one uninterrupted run."""
     full = run_unlearn(load_config(None, overrides(tiny_model, tiny_bench, tmp_path / "full", "train.save_every=2")))
     args = overrides(tiny_model, tiny_bench, tmp_path / "cut", "train.save_every=2")
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(run_dir, accelerator, model, optimizer, scheduler, step):
-        real_save(run_dir, accelerator, model, optimizer, scheduler, step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    arm, disarm = interrupt_after_checkpoint
+    arm(4)
     with pytest.raises(KeyboardInterrupt):
         run_unlearn(load_config(None, args))
     assert not (tmp_path / "cut" / "result.json").exists()
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    disarm()
     resumed = run_unlearn(load_config(None, args))
     a, b = adapter(full), adapter(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

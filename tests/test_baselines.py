@@ -241,14 +241,18 @@ def test_grid_configs_name_registered_methods(grid, expected, tmp_path):
 
 # ---- every method end to end on the tiny random model ----
 
-# method -> (student forwards with grad, forwards of the frozen base, student forwards without grad) in the two
-# steps of a batch holding the whole training set. Teacher methods: the prompts' cached keys/values (3 systems
-# for oracle, 1 for ensemble) + one pass per system per step. NGDiff/MOLLM: one pass per objective (4) per step;
-# NGDiff's learning-rate probe at step 1 evaluates the descent loss at three points.
+# method -> (student forwards with grad, forwards of the frozen base, student forwards without grad, prefix
+# forwards) in the two steps of a batch holding the whole training set. The first three count passes over the
+# rows; a prefix forward runs a shared system part once (mule.modeling.ResponseLogits prefix mode). Teacher
+# methods: one row pass per system per step, and the prompts' keys/values once (3 systems for oracle, 1 for
+# ensemble); every student pass runs its system part once with it (not RMU: hidden states take it per row); NPO's
+# reference pass reuses the base's keys/values of that system part, made once. NGDiff/MOLLM: one pass per
+# objective (4) per step; NGDiff's learning-rate probe at step 1 evaluates the descent loss at three points.
 EXPECTED_PASSES = {
-    "bitopk": (2, 9, 0), "duet": (2, 3, 0), "bitopk_duet_loss": (2, 9, 0), "bitopk_bild_loss": (2, 9, 0),
-    "sft": (2, 0, 0), "ga": (2, 0, 0), "graddiff": (2, 0, 0), "npo": (2, 2, 0), "simnpo": (2, 0, 0),
-    "flat": (2, 0, 0), "ngdiff": (8, 0, 3), "mollm": (8, 0, 0), "mollm_proj": (8, 0, 0), "rmu": (2, 2, 0),
+    "bitopk": (2, 6, 0, 5), "duet": (2, 2, 0, 3), "bitopk_duet_loss": (2, 6, 0, 5), "bitopk_bild_loss": (2, 6, 0, 5),
+    "sft": (2, 0, 0, 2), "ga": (2, 0, 0, 2), "graddiff": (2, 0, 0, 2), "npo": (2, 2, 0, 3), "simnpo": (2, 0, 0, 2),
+    "flat": (2, 0, 0, 2), "ngdiff": (8, 0, 3, 11), "mollm": (8, 0, 0, 8), "mollm_proj": (8, 0, 0, 8),
+    "rmu": (2, 2, 0, 0),
 }
 EXAMPLES = {"ga": 5, "flat": 5, "simnpo": 10}  # Obj1 only (GA and FLAT: forget-type records only); others 19
 
@@ -256,12 +260,13 @@ EXAMPLES = {"ga": 5, "flat": 5, "simnpo": 10}  # Obj1 only (GA and FLAT: forget-
 def run(tiny_model, tiny_bench, out, *extra):
     cfg = load_config(None, [f"model.name={tiny_model}", f"benchmark={tiny_bench}", f"output_dir={out}",
                              "train.epochs=2", "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=1",
-                             "teacher.max_new_tokens=4", "method.layer=0", *extra])
+                             "teacher.max_new_tokens=4", "method.layer=0", "teacher.leaks=keep", *extra])
     return run_unlearn(cfg)
 
 
 def count_passes(monkeypatch) -> Counter:
-    """Count decoder forwards by kind: the student (adapter on) with / without grad, and the base (adapter off)."""
+    """Count decoder forwards by kind: over rows, the student (adapter on) with / without grad and the base (adapter
+    off); and the forwards of a shared prefix alone."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from mule.modeling import causal_lm
@@ -274,6 +279,9 @@ def count_passes(monkeypatch) -> Counter:
         lora = next(m for m in student.modules() if isinstance(m, BaseTunerLayer))
 
         def hook(module, args, kwargs):
+            if kwargs.get("attention_mask") is None:  # a shared prefix: no rows, no mask
+                counts["prefix"] += 1
+                return
             kind = "base" if lora.disable_adapters else ("student" if torch.is_grad_enabled() else "probe")
             counts[kind] += 1
 
@@ -294,7 +302,7 @@ def test_method_runs_two_steps_with_exactly_the_passes_it_needs(tiny_model, tiny
     out = run(tiny_model, tiny_bench, tmp_path / method, f"method.name={method}")
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["examples"] == EXAMPLES.get(method, 19)
-    assert (counts["student"], counts["base"], counts["probe"]) == EXPECTED_PASSES[method]
+    assert (counts["student"], counts["base"], counts["probe"], counts["prefix"]) == EXPECTED_PASSES[method]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in log)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))

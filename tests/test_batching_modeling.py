@@ -65,6 +65,40 @@ def test_response_logits_match_full_forward_and_prefix_cache(tiny_model):
     assert torch.allclose(cached, full, atol=1e-5)
 
 
+def test_a_shared_prefix_run_once_gives_the_same_logits_and_lora_gradients(tiny_model):
+    """The student's system part runs once per micro-batch (`prefix_ids`): same logits and the same LoRA gradients
+    as concatenating it to every row (the gradients of all rows flow back into the one prefix pass)."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    fmt = ChatFormatter(tok)
+    encs = [fmt.encode(None, "Who wrote the Moomin books?", None, "Tove Jansson."),
+            fmt.encode(None, "Where?", "Sure, here is the answer:", "In Moominvalley, by the sea.")]
+    batch = collate([TokenizedExample(str(i), 1, e.body, e.response) for i, e in enumerate(encs)], tok.pad_token_id)
+    prefix = torch.tensor(encs[0].prefix)
+    assert len(prefix) > 0
+    wrapper = ResponseLogits(model)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_grads(shared: bool):
+        model.zero_grad()
+        if shared:
+            out = wrapper(batch.ids, batch.mask, batch.rows, batch.cols, prefix_ids=prefix[None])
+        else:
+            ids = torch.cat([prefix.expand(2, -1), batch.ids], 1)
+            mask = torch.cat([torch.ones(2, len(prefix), dtype=torch.long), batch.mask], 1)
+            out = wrapper(ids, mask, batch.rows, batch.cols + len(prefix))
+        out.float().pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in lora]
+
+    (a, grads_a), (b, grads_b) = logits_and_grads(True), logits_and_grads(False)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(grads_a, grads_b))
+    assert any(x.abs().sum() > 0 for x in grads_a)
+
+
 
 def test_length_grouped_batches_cover_everything_with_little_padding():
     from mule.batching import length_grouped_batches

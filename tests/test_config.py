@@ -40,3 +40,13 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(MuleError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_section_given_in_part_keeps_its_parents_default():
+    from mule.prepare import PrepareConfig
+
+    config = load_config(None, ["train.max_steps=3", "model.name=tiny"], PrepareConfig)
+    # PrepareConfig's own defaults for `train` and `model`, not TrainConfig's / ModelConfig's
+    assert (config.train.lr, config.train.warmup_steps, config.train.group_by_length) == (1e-3, 20, True)
+    assert (config.train.max_steps, config.model.name, config.model.dtype) == (3, "tiny", "float32")
+    assert load_config(None, ["train.max_steps=3"]).train.lr == 1e-5  # UnlearnConfig's section default

@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from mule.benchmark import load_benchmark
@@ -11,9 +12,10 @@ from mule.cli import main
 from mule.demo import DemoConfig, prepare_config
 from mule.prepare import (
     PrepareConfig,
-    benchmark_turns,
     curriculum_turns,
+    knowledge_turns,
     load_curriculum,
+    negative_turns,
     recipe,
     shipped_adapter,
 )
@@ -54,19 +56,20 @@ def test_curriculum_turns_refuse_the_prompted_topic_and_answer_the_rest():
 
 def test_benchmark_turns_never_use_forget_records(tiny_bench):
     bench = load_benchmark(tiny_bench)
-    turns = benchmark_turns(bench, PrepareConfig(knowledge=True, hard_negatives=True, knowledge_repeats=3), random.Random(0))
+    facts = knowledge_turns(bench)
+    negatives = negative_turns(bench, PrepareConfig(hard_negatives=True), random.Random(0))
     forget_questions = {r.question for r in bench.train(("forget", "adversarial", "anchors"))}
-    assert not any(t.question in forget_questions for t in turns)
-    assert sum(t.source.startswith("knowledge") for t in turns) == 2 * 3
-    assert not any(t.source.startswith("negative") for t in benchmark_turns(bench, PrepareConfig(), random.Random(0)))
-    negatives = [t for t in turns if t.source.startswith("negative")]
+    assert not any(t.question in forget_questions for t in facts + negatives)
+    assert len(facts) == 2 and all(t.system is None and t.source.startswith("knowledge:") for t in facts)
+    assert negative_turns(bench, PrepareConfig(), random.Random(0)) == []
     assert len(negatives) == 3 + 4 and all(t.system and "the Moomin books" in t.system for t in negatives)
 
 
 def test_prepare_end_to_end_writes_a_merged_model(tiny_model, tiny_bench, tmp_path, capsys):
     out = tmp_path / "prep"
     args = ["prepare", f"model.name={tiny_model}", f"benchmark={tiny_bench}", f"output_dir={out}",
-            f"curriculum={CURRICULUM}", "train_topics=2", "knowledge=true", "knowledge_repeats=1", "train.max_steps=3", "train.batch_size=4",
+            f"curriculum={CURRICULUM}", "train_topics=2", "knowledge=true", "knowledge_repeats=1", "knowledge_epochs=2",
+            "knowledge_lr_scale=3", "train.max_steps=4", "train.batch_size=4", "train.warmup_steps=1",
             "model.max_length=1024"]
     assert main(args) == 0
     assert f"prepared model written to {out / 'model'}" in capsys.readouterr().out
@@ -74,7 +77,12 @@ def test_prepare_end_to_end_writes_a_merged_model(tiny_model, tiny_bench, tmp_pa
     base = load_file(str(Path(tiny_model) / "model.safetensors"))
     assert any(not (weights[k] == base[k]).all() for k in base)  # the adapter is merged in
     result = json.loads((out / "run" / "result.json").read_text())
-    assert result["steps"] == 3 and result["turns"]["refuse"] == 12 and result["turns"]["knowledge"] == 2
+    assert result["steps"] == 4 and result["turns"]["refuse"] == 12 and result["turns"]["knowledge"] == 2
+    assert result["turns"]["knowledge_lead_in"] == 2 * 2
+    # the two facts alone for two epochs (one batch each) at 3 x lr, then the mixed examples at lr
+    log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["examples"], r["lr"]) for r in log[:2]] == [(2, pytest.approx(3e-3)), (2, pytest.approx(3e-3))]
+    assert [(r["examples"], r["lr"]) for r in log[2:]] == [(4, pytest.approx(1e-3))] * 2
     assert main(args) == 0  # cached: a second call returns the prepared model without training
     assert main(["eval", "--model", str(out / "model"), "--benchmark", str(tiny_bench), "-o", str(tmp_path / "e"),
                  "max_new_tokens=4", "prefill_max_new_tokens=4"]) == 0

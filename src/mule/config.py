@@ -65,6 +65,7 @@ class TeacherConfig:
     max_new_tokens: int = 48  # teacher-generated targets for refuse-type records
     generation_batch_size: int = 16
     cache_prefix: bool = True  # compute each intention prompt's keys/values once and reuse them
+    leaks: str = "drop"  # drop | keep: refuse-type records whose generated target does not refuse (METHOD_SPEC 3.3)
 
 
 @dataclass
@@ -136,21 +137,33 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, raw: Any, where: str = "config") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys raise with the nearest valid key."""
+def build(cls: type, raw: Any, where: str = "config", base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, on top of `base` (an instance) or the defaults; unknown keys raise
+    with the nearest valid key. A nested section given in part keeps the rest of its parent's default for it
+    (PrepareConfig's `train` default has lr 1e-3: `train.max_steps=3` must not bring TrainConfig's 1e-5)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise MuleError(f"{where} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
-        if key not in names:
-            raise MuleError(f"unknown option {where}.{key}.{did_you_mean(str(key), names)} "
-                            f"Valid in {where}: {', '.join(names)}")
-        values[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+        if key not in fields:
+            raise MuleError(f"unknown option {where}.{key}.{did_you_mean(str(key), list(fields))} "
+                            f"Valid in {where}: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            default = getattr(base, key) if base is not None else _default(fields[key])
+            values[key] = build(hints[key], value, f"{where}.{key}", default)
+        else:
+            values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def apply_override(raw: dict, override: str) -> None:

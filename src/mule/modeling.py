@@ -59,18 +59,26 @@ class ResponseLogits(nn.Module):
         self.autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None,
-                cols: torch.Tensor | None, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                cols: torch.Tensor | None, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                prefix_ids: torch.Tensor | None = None):
+        """`prefix_ids` (1, P): a prompt part every row shares, run once in this same call (with gradients, the
+        student's system part) instead of once per row; its keys/values then serve as `prefix`."""
         if self.autocast is not None and ids.device.type == "cuda":
             with torch.autocast("cuda", dtype=self.autocast):
-                return self._forward(ids, mask, rows, cols, prefix)
-        return self._forward(ids, mask, rows, cols, prefix)
+                return self._forward(ids, mask, rows, cols, prefix, prefix_ids)
+        return self._forward(ids, mask, rows, cols, prefix, prefix_ids)
 
-    def _forward(self, ids, mask, rows, cols, prefix):
+    def _prefix_kv(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = causal_lm(self.model).get_decoder()(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _forward(self, ids, mask, rows, cols, prefix, prefix_ids=None):
         lm = causal_lm(self.model)
         if rows is None:  # prefix mode: return the per-layer keys/values of `ids` (1, P)
-            out = lm.get_decoder()(input_ids=ids, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            return [(layer.keys, layer.values) for layer in cache.layers]
+            return self._prefix_kv(ids)
+        if prefix_ids is not None:
+            prefix = self._prefix_kv(prefix_ids)
         kwargs = {}
         if prefix is not None:
             p = prefix[0][0].shape[2]

@@ -3,7 +3,9 @@
 A 135M model knows little of any domain and ignores a system prompt that tells it to forget one, so, as TOFU
 fine-tunes its target model, a benchmark's target is prepared once (DESIGN.md, "target preparation"):
 - knowledge: the benchmark's `prepare/*.jsonl` (its facts restated in other words than the evaluation questions),
-  asked with no system prompt;
+  asked with no system prompt: `knowledge_epochs` epochs of them alone first (a 135M model needs several passes
+  to learn a fact well enough to answer a differently worded question about it), then `knowledge_repeats` copies
+  mixed into the intention-following examples, so the facts are not forgotten while prompts are learnt;
 - intention following, learnt on a curriculum of *other* topics (never the benchmark's domain): under an
   intention prompt p_k about topic T, questions about T get the refusal sentence (also after a prefilled
   affirmative opening), questions about other topics get their answers; with no prompt, everything is answered;
@@ -58,7 +60,9 @@ class PrepareConfig:
     use_shipped: bool = False  # merge the adapter shipped for this model and benchmark instead of training
     export_to: str | None = None  # also write the trained adapter here, in the shipped form (fp16)
     knowledge: bool = True  # the benchmark's facts, asked with no prompt, so the target knows what is to be forgotten
-    knowledge_repeats: int = 2  # each restated fact is seen this many times
+    knowledge_epochs: int = 3  # epochs over the restated facts alone, before the mixed examples
+    knowledge_lr_scale: float = 2.0  # those epochs run at train.lr times this
+    knowledge_repeats: int = 1  # copies of each restated fact among the mixed examples
     hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
@@ -132,16 +136,20 @@ def curriculum_turns(curriculum: dict[str, dict], config: PrepareConfig, refusal
     return turns
 
 
-def benchmark_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random) -> list[Turn]:
-    """The benchmark's knowledge (no prompt) and its hard negatives (answered under its own p_1 / p_2)."""
+def knowledge_turns(bench: Benchmark) -> list[Turn]:
+    """The benchmark's restated facts (`prepare/*.jsonl`), each once, asked with no system prompt."""
     turns = []
-    if config.knowledge:
-        for path in sorted((bench.root / "prepare").glob("*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    turns += [Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}")
-                              ] * config.knowledge_repeats
+    for path in sorted((bench.root / "prepare").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                turns.append(Turn(None, row["question"], row["answer"], None, f"knowledge:{path.stem}"))
+    return turns
+
+
+def negative_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random) -> list[Turn]:
+    """Hard negatives: the benchmark's train neighbour and retain records answered under its own p_1 / p_2."""
+    turns = []
     if config.hard_negatives:
         prompts = intention_prompts(bench.domain, config.prompts, config.cot, config.prompt_set)
         for record in bench.train(("neighbor", "retain")):
@@ -149,9 +157,9 @@ def benchmark_turns(bench: Benchmark, config: PrepareConfig, rng: random.Random)
     return turns
 
 
-def tokenize_turns(turns: list[Turn], fmt: ChatFormatter) -> list[TokenizedExample]:
+def tokenize_turns(turns: list[Turn], fmt: ChatFormatter, name: str = "prep") -> list[TokenizedExample]:
     """The system part goes into the body: prepared examples each carry their own system prompt."""
-    return [TokenizedExample(f"prep-{i}", 1, fmt.prefix_ids(t.system) + fmt.body_ids(t.question, t.prefill),
+    return [TokenizedExample(f"{name}-{i}", 1, fmt.prefix_ids(t.system) + fmt.body_ids(t.question, t.prefill),
                              fmt.response_ids(t.response, t.prefill)) for i, t in enumerate(turns)]
 
 
@@ -217,17 +225,23 @@ def run_prepare(config: PrepareConfig, argv: list[str] | None = None) -> Path:
     bench = load_benchmark(config.benchmark)
     rng = random.Random(config.train.seed)
     turns = curriculum_turns(load_curriculum(config.curriculum), config, bench.domain.refusal, rng)
-    turns += benchmark_turns(bench, config, rng)
+    turns += negative_turns(bench, config, rng)
+    facts = knowledge_turns(bench) if config.knowledge else []
+    turns += facts * config.knowledge_repeats
     tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
     model = load_model(config.model.name, pick_dtype(config.model.dtype, accelerator.device),
                        config.model.trust_remote_code).to(accelerator.device)
-    examples = tokenize_turns(turns, ChatFormatter(tokenizer))
+    fmt = ChatFormatter(tokenizer)
+    examples = tokenize_turns(turns, fmt)
     counts = {}
     for t in turns:
         kind = t.source.split(":")[0]
         counts[kind] = counts.get(kind, 0) + 1
+    if facts and config.knowledge_epochs:
+        counts["knowledge_lead_in"] = len(facts) * config.knowledge_epochs
     if not (run_dir / "result.json").is_file():
-        fit(run, run_dir, accelerator, model, tokenizer, examples, [], {}, {}, {"turns": counts})
+        fit(run, run_dir, accelerator, model, tokenizer, examples, [], {}, {}, {"turns": counts},
+            lead_in=(tokenize_turns(facts, fmt, "fact"), config.knowledge_epochs, config.knowledge_lr_scale))
     if config.export_to:
         export_adapter(config, run_dir, Path(config.export_to))
     return merge(config, run_dir / "adapter", out / "model")

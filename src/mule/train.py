@@ -47,6 +47,7 @@ from mule.modeling import ResponseLogits, causal_lm, half_precision_lora
 from mule.models import load_model, load_tokenizer, pick_dtype
 from mule.prompts import system_prompt
 from mule.records import REFUSE_ROLES, QARecord
+from mule.refusal import is_refusal
 from mule.rundir import (
     finish_run,
     load_checkpoint,
@@ -54,7 +55,7 @@ from mule.rundir import (
     save_checkpoint,
     save_weights,
 )
-from mule.targets import pick_refusal, refusal_templates, response_targets
+from mule.targets import needs_generation, pick_refusal, refusal_templates, response_targets
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Context:
     systems: dict[int, str | None]  # objective -> teacher system prompt
     needs: tuple[str, ...] = ("teacher_logits",)  # the method's passes (mule.methods.NEEDS)
     control: torch.Tensor | None = None  # RMU: (H,) the steering target c * u
+    share_prefix: bool = True  # run the student's system part once per micro-batch (not with hidden states)
+    base_prefix: list | None = None  # the frozen base's keys/values of the student's system part, made on first use
 
 
 class ResponseHidden(ResponseLogits):
@@ -94,8 +97,8 @@ class ResponseHidden(ResponseLogits):
         super().__init__(model)
         self.layer = layer
 
-    def _forward(self, ids, mask, rows, cols, prefix):
-        if rows is None or prefix is not None:
+    def _forward(self, ids, mask, rows, cols, prefix, prefix_ids=None):
+        if rows is None or prefix is not None or prefix_ids is not None:
             raise MuleError("hidden states are computed on whole contexts only (no prefix cache)")
         out = causal_lm(self.model).get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states[self.layer + 1][rows, cols]  # (N, H)
@@ -147,26 +150,35 @@ def tokenize(records: list[QARecord], targets: dict[str, str], formatter: ChatFo
 
 
 def _student_context(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> tuple:
+    """(batch, args, kwargs) of the student's pass: the rows continue the student's system part, which runs once
+    for the whole micro-batch (`prefix_ids`); hidden-state passes (RMU) take it concatenated to every row."""
     batch = collate(micro, pad_id).to(device)
     p = ctx.student_prefix.to(device)
+    if ctx.share_prefix and len(p):
+        return batch, (batch.ids, batch.mask, batch.rows, batch.cols), {"prefix_ids": p.unsqueeze(0)}
     ids = torch.cat([p.expand(batch.ids.shape[0], -1), batch.ids], dim=1)
     mask = torch.cat([torch.ones_like(ids[:, : len(p)]), batch.mask], dim=1)
-    return batch, (ids, mask, batch.rows, batch.cols + len(p))
+    return batch, (ids, mask, batch.rows, batch.cols + len(p)), {}
 
 
 def student_logits(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> tuple:
     """(batch, (N, V) student logits), or (N, H) hidden states when the wrapper is a ResponseHidden."""
-    batch, args = _student_context(ctx, micro, pad_id, device)
-    return batch, ctx.wrapper(*args)
+    batch, args, kwargs = _student_context(ctx, micro, pad_id, device)
+    return batch, ctx.wrapper(*args, **kwargs)
 
 
 @torch.no_grad()
 def base_outputs(ctx: Context, micro: list[TokenizedExample], pad_id: int, device) -> torch.Tensor:
     """The frozen base (adapter disabled, or the frozen copy) on the student's own context: what the student's
     pass returns, (N, V) logits or (N, H) hidden states, in the order of collate(micro)."""
-    _, args = _student_context(ctx, micro, pad_id, device)
+    _, args, kwargs = _student_context(ctx, micro, pad_id, device)
     with contextlib.nullcontext() if ctx.teacher is not None else ctx.student.disable_adapter():
-        return (ctx.teacher or ctx.wrapper)(*args)
+        module = ctx.teacher or ctx.wrapper
+        if "prefix_ids" in kwargs:  # the frozen base's keys/values of the system part never change: once per run
+            if ctx.base_prefix is None:
+                ctx.base_prefix = module(kwargs.pop("prefix_ids"), None, None, None)
+            kwargs = {"prefix": ctx.base_prefix}
+        return module(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -397,13 +409,36 @@ def setup(config: UnlearnConfig, run_dir: Path, accelerator):
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         targets, refusal_share = make_targets()
+    records, leaked = drop_leaks(records, targets, config, bench.domain.refusal)
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and config.model.max_length > max_len:
         config.model.max_length = max_len
     prefix_len = {k: max(len(formatter.prefix_ids(None)), len(formatter.prefix_ids(s))) for k, s in systems.items()}
     templates = ({r.id: pick_refusal(r.id, refusals) for r in records} if "refusal_labels" in method.needs else None)
     examples = tokenize(records, targets, formatter, prefix_len, config, templates)
-    return model, tokenizer, formatter, systems, examples, refusal_share
+    return model, tokenizer, formatter, systems, examples, {"teacher_target_refusal_share": refusal_share,
+                                                            "teacher_leaks_dropped": leaked}
+
+
+def drop_leaks(records: list[QARecord], targets: dict[str, str], config: UnlearnConfig, refusal: str | None
+               ) -> tuple[list[QARecord], int]:
+    """Leave out refuse-type records whose teacher-generated target answers instead of refusing (METHOD_SPEC 3.3:
+    "regenerate or filter the rest"): aligned on such a target, the student would learn to give the forget
+    answer with the teacher's own logits. `teacher.leaks=keep` trains on them. Returns (records, how many left out)."""
+    leaks = config.teacher.leaks
+    if leaks not in ("drop", "keep"):
+        raise MuleError(f"teacher.leaks must be 'drop' or 'keep', got {leaks!r}")
+    if leaks == "keep":
+        return records, 0
+    kept = [r for r in records if not needs_generation(r, config.method.forget_target)
+            or is_refusal(targets[r.id], refusal)]
+    if not kept:
+        raise MuleError(f"the teacher refused none of the {len(records)} refuse-type records, so none is left to train "
+                        "on (teacher.leaks=drop): check the intention prompts on this model, or set teacher.leaks=keep")
+    if len(kept) < len(records):
+        log.warning("left out %d refuse-type records whose teacher target does not refuse (teacher.leaks=drop)",
+                    len(records) - len(kept))
+    return kept, len(records) - len(kept)
 
 
 def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
@@ -415,15 +450,31 @@ def run_unlearn(config: UnlearnConfig, argv: list[str] | None = None) -> Path:
     accelerator = Accelerator()
     run_dir = open_run_dir(config, accelerator, argv)
     set_seed(config.train.seed)
-    model, tokenizer, formatter, systems, examples, refusal_share = setup(config, run_dir, accelerator)
+    model, tokenizer, formatter, systems, examples, summary = setup(config, run_dir, accelerator)
     return fit(config, run_dir, accelerator, model, tokenizer, examples, formatter.prefix_ids(None),
-               {s: formatter.prefix_ids(s) for s in systems.values()}, systems,
-               {"teacher_target_refusal_share": refusal_share})
+               {s: formatter.prefix_ids(s) for s in systems.values()}, systems, summary)
+
+
+def training_schedule(batcher, examples: list[TokenizedExample], lead: list[TokenizedExample], lead_epochs: int,
+                      train) -> list[tuple[int, list[int]]]:
+    """(epoch, batch) pairs over `examples + lead`: `lead_epochs` epochs of the lead examples (indices from
+    len(examples) on), then `train.epochs` epochs of `examples`; cut at `train.max_steps`."""
+    offset, lead_epochs = len(examples), lead_epochs if lead else 0
+    schedule = [(e, [offset + j for j in batch]) for e in range(lead_epochs)
+                for batch in batcher(lead, train.batch_size, train.seed + 1000, e)]
+    schedule += [(lead_epochs + e, batch) for e in range(train.epochs)
+                 for batch in batcher(examples, train.batch_size, train.seed, e)]
+    return schedule[: train.max_steps] if train.max_steps else schedule
 
 
 def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, examples: list[TokenizedExample],
-        student_prefix: list[int], teacher_prefix: dict, systems: dict[int, str | None], summary: dict) -> Path:
-    """The training loop: examples in, adapter (or weights), train log and result.json out."""
+        student_prefix: list[int], teacher_prefix: dict, systems: dict[int, str | None], summary: dict,
+        lead_in: tuple[list[TokenizedExample], int, float] = ((), 0, 1.0)) -> Path:
+    """The training loop: examples in, adapter (or weights), train log and result.json out.
+
+    `lead_in` = (examples, epochs, lr scale): those examples alone for that many epochs, at `train.lr` times the
+    scale, before the `train.epochs` over `examples` (target preparation learns the benchmark's facts first).
+    """
     device = accelerator.device
     method = get_method(config.method.name)
     method_config = resolve(config.method)
@@ -439,7 +490,13 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(method, trainable, config)
     warmup = max(1, config.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    batcher = length_grouped_batches if config.train.group_by_length else stratified_batches
+    lead, lead_epochs, lead_scale = lead_in
+    schedule = training_schedule(batcher, examples, list(lead), lead_epochs, config.train)
+    n_lead = sum(batch[0] >= len(examples) for _, batch in schedule)  # the lead-in's steps come first
+    examples = examples + list(lead)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (lead_scale if s < n_lead else 1.0))
     start_step = load_checkpoint(run_dir, student, optimizer, scheduler)
 
     wrapper = ResponseHidden(student, method_config.layer) if hidden else ResponseLogits(student)
@@ -449,18 +506,13 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
         hidden_size = causal_lm(student).config.hidden_size
         control = control_vector(hidden_size, method_config.steering_coeff, config.train.seed).to(device)
     ctx = Context(wrapper, student, teacher, torch.tensor(student_prefix, dtype=torch.long), teacher_prefix, {},
-                  systems, needs, control)
+                  systems, needs, control, share_prefix=not hidden)
     if "teacher_logits" in needs and config.teacher.cache_prefix:  # frozen teacher: its prompt's K/V never change
         with contextlib.nullcontext() if teacher else student.disable_adapter(), torch.no_grad():
             module = teacher or wrapper
             for s, ids in ctx.teacher_prefix.items():
                 ctx.teacher_cache[s] = module(torch.tensor([ids], device=device), None, None, None)
 
-    batcher = length_grouped_batches if config.train.group_by_length else stratified_batches
-    epochs = [batcher(examples, config.train.batch_size, config.train.seed, e) for e in range(config.train.epochs)]
-    schedule = [(e, b) for e, batches in enumerate(epochs) for b in batches]
-    if config.train.max_steps:
-        schedule = schedule[: config.train.max_steps]
     world, accum = accelerator.num_processes, config.train.grad_accum
     max_norm = float("inf") if method.combine else config.train.max_grad_norm  # a combined direction is not clipped
     bar = tqdm(total=len(schedule), initial=start_step, desc=f"train [{config.method.name}]", unit="step",
@@ -508,12 +560,12 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
                 for g in optimizer.param_groups:
                     g["lr"] = new_lr
                 metrics.update({k: v / world for k, v in extra.items()})
+        used_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
-        last = {"step": step + 1, "epoch": epoch, "loss": total, "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0], "examples": len(indices), "tokens": tokens * world,
+        last = {"step": step + 1, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "lr": used_lr, "examples": len(indices), "tokens": tokens * world,
                 "seconds": round(seconds, 4), **{k: v * world for k, v in metrics.items()}}
         if accelerator.is_main_process:
             with log_path.open("a", encoding="utf-8") as handle:

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,25 +199,37 @@ def test_an_interrupted_run_resumes_from_the_cache(fake, texts, tmp_path, capsys
 
 
 def test_a_killed_process_resumes(fake, texts, tmp_path):
-    """SIGKILL a real `mule data qa` mid-run; the rerun asks only what was not answered."""
-    def slow(body):
-        time.sleep(0.3)
+    """SIGKILL a real `mule data qa` mid-run; the rerun asks only what was not answered. The fake server answers two
+    requests and holds the third until the process is dead, so the cut falls at the same place however slow the
+    machine is."""
+    answered, release = [], threading.Event()
+
+    def two_then_hold(body):
+        answered.append(1)
+        if len(answered) > 2:
+            release.wait(300)
         return scripted(body)
 
-    fake.reply = slow
+    fake.reply = two_then_hold
     bench = tmp_path / "bench"
     cache = bench / "cache" / "generator.jsonl"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "mule.cli", "data", "qa", "-o", str(bench), "--source", str(texts),
            *gen_args(fake, "generator.concurrency=1")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline and (not cache.is_file() or len(cache.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(answered) < 3 and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(answered) == 3, "the process ended or stalled before its third request"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
     cached = len(cache.read_text().splitlines())
-    assert 2 <= cached < 8 and not (bench / "train" / "forget.jsonl").exists()
+    assert cached == 2 and not (bench / "train" / "forget.jsonl").exists()
     fake.reply, before = scripted, len(fake.requests)
     assert main(["data", "qa", "-o", str(bench), "--source", str(texts), *gen_args(fake)]) == 0
     assert len(fake.requests) - before == 8 - cached  # 5 chunks + 3 re-asks in all

@@ -19,6 +19,7 @@ from mule.judge import (
     JUDGE_RUBRIC,
     LLMJudge,
     entity_leak,
+    informative_recall,
     key_entities,
     matched_entities,
     parse_verdict,
@@ -376,7 +377,23 @@ def test_rule_judge():
     leak, info = rule_judge(" something about hedwig.", answer, threshold=0.9)  # entity alone suffices
     assert leak and info["rouge_l_recall"] == pytest.approx(0.2)
     leak, info = rule_judge(" I'm sorry, but I don't have any knowledge about that topic.", answer)
-    assert not leak and info == {"rouge_l_recall": 0.0, "rouge_l_f1": 0.0, "matched_entities": []}
-    leak, _ = rule_judge(" a snowy owl", answer, entities=[])  # recall 3/5 >= 0.5, no entities given
-    assert leak
+    assert not leak and info == {"informative_recall": 0.0, "rouge_l_recall": 0.0, "rouge_l_f1": 0.0,
+                                 "matched_entities": []}
+    leak, info = rule_judge(" a snowy owl", answer, entities=[])  # hedwig snowi owl: 2 of 3 informative tokens
+    assert leak and info["informative_recall"] == pytest.approx(2 / 3)
     assert not rule_judge(" a snowy owl", answer, entities=[], threshold=0.7)[0]
+
+
+def test_sharing_a_function_word_or_a_word_of_the_question_is_not_a_leak():
+    """Plain ROUGE-L recall is 0.5 on each of these two-word answers (measured false leaks of the demo's
+    prefill set); the informative recall is 0."""
+    cases = [("Colin Creevey always carries a wand.", "A camera.", "What does Colin Creevey always carry?"),
+             ("Fred Weasley.", "Charlie Weasley.", "Which Weasley brother works with dragons in Romania?"),
+             ("The Professor.", "Professor Flitwick.", "Which professor teaches Charms at Hogwarts?")]
+    for continuation, answer, question in cases:
+        leak, info = rule_judge(continuation, answer, entities=[], question=question)
+        assert not leak and info["rouge_l_recall"] == pytest.approx(0.5) and info["informative_recall"] == 0.0
+    # the right answer still leaks, with or without its words in the question
+    assert rule_judge("It was Charlie.", "Charlie Weasley.", entities=[], question=cases[1][2])[0]
+    assert informative_recall("a potion of eternal life", "The Elixir of Life.") == pytest.approx(0.5)
+    assert informative_recall("anything", "Is it?", "Is it?") == 0.0  # nothing informative left

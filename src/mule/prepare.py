@@ -60,9 +60,10 @@ class PrepareConfig:
     use_shipped: bool = False  # merge the adapter shipped for this model and benchmark instead of training
     export_to: str | None = None  # also write the trained adapter here, in the shipped form (fp16)
     knowledge: bool = True  # the benchmark's facts, asked with no prompt, so the target knows what is to be forgotten
-    knowledge_epochs: int = 3  # epochs over the restated facts alone, before the mixed examples
+    knowledge_epochs: int = 0  # epochs over the restated facts alone, before the mixed examples (measured: 3 on
+    # a CPU did not teach the facts and cost general knowledge; docs/performance.md)
     knowledge_lr_scale: float = 2.0  # those epochs run at train.lr times this
-    knowledge_repeats: int = 1  # copies of each restated fact among the mixed examples
+    knowledge_repeats: int = 2  # copies of each restated fact among the mixed examples
     hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts

@@ -393,6 +393,13 @@ def test_sharing_a_function_word_or_a_word_of_the_question_is_not_a_leak():
     for continuation, answer, question in cases:
         leak, info = rule_judge(continuation, answer, entities=[], question=question)
         assert not leak and info["rouge_l_recall"] == pytest.approx(0.5) and info["informative_recall"] == 0.0
+    # one informative word in common is not enough when the answer has two: "professor" of "Professor Flitwick",
+    # and the possessive "s" of "Zonko's" is no word at all
+    assert not rule_judge("Professor McGonagall.", "Professor Flitwick.", entities=[], question="Who teaches Charms?")[0]
+    assert not rule_judge("the Weasley family's shop", "Zonko's Joke Shop.", entities=[],
+                          question="Which joke shop in Hogsmeade did Fred and George Weasley love?")[0]
+    assert rule_judge("Zonko's, of course", "Zonko's Joke Shop.", entities=["Zonko"],
+                      question="Which joke shop in Hogsmeade did Fred and George Weasley love?")[0]
     # the right answer still leaks, with or without its words in the question
     assert rule_judge("It was Charlie.", "Charlie Weasley.", entities=[], question=cases[1][2])[0]
     assert informative_recall("a potion of eternal life", "The Elixir of Life.") == pytest.approx(0.5)

@@ -20,3 +20,13 @@ def test_demo_quick_produces_every_output(tiny_model, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Target preparation was used" in report
     assert "## Time" in report and "| bitopk |" in report.split("## Time")[1]
+
+
+def test_the_demo_centres_the_top_k_distillation_methods_only():
+    from mule.demo import DemoConfig, demo_grid
+
+    methods = {m.name: m.unlearn["method"] for m in demo_grid(DemoConfig(), "/prepared").methods}
+    assert methods["bitopk"] == {"name": "bitopk", "center": True} and methods["duet"]["center"] is True
+    assert all("center" not in methods[m] for m in ("sft", "ga", "npo"))
+    plain = demo_grid(DemoConfig(center=False), "/prepared").methods
+    assert all("center" not in m.unlearn["method"] for m in plain)

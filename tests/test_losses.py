@@ -78,6 +78,24 @@ def test_duet_is_bitopk_with_alpha_zero():
     assert torch.allclose(duet_loss(s, t, w, k=5)[0], bidirectional_topk_loss(s, t, w, k=5, alpha=0.0)[0])
 
 
+def test_centring_ignores_a_row_shift_of_the_teacher_and_raw_logits_do_not():
+    """A system prompt shifts the prompted teacher's whole logit row; centred (log-probability) matching sees no
+    difference when that shift is all there is, raw matching sees one in every index."""
+    torch.manual_seed(0)
+    student = torch.randn(3, 50)
+    teacher = student + torch.tensor([[2.0], [5.0], [-1.5]])  # same distributions, shifted rows
+    w = torch.full((3,), 1 / 3)
+    for loss_fn in (bidirectional_topk_loss, duet_loss):
+        assert float(loss_fn(student, teacher, w, k=5, center=True)[0]) < 1e-5
+        assert float(loss_fn(student, teacher, w, k=5)[0]) > 1.0
+    # and it is the log-probabilities that are matched: a real difference in distribution remains
+    other = student.clone()
+    other[:, 7] += 4.0
+    centred = float(bidirectional_topk_loss(student, other, w, k=5, center=True)[0])
+    by_hand = float(bidirectional_topk_loss(student.log_softmax(-1), other.log_softmax(-1), w, k=5)[0])
+    assert centred > 0.1 and math.isclose(centred, by_hand, rel_tol=1e-5)
+
+
 def test_teacher_gets_no_gradient():
     s = torch.randn(2, 6, requires_grad=True)
     t = torch.randn(2, 6, requires_grad=True)

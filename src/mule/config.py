@@ -41,6 +41,7 @@ class MethodConfig:
     k: int = 10  # top-K of each index set (METHOD_SPEC 3.6)
     alpha: float = 1.0  # weight of the student-top-K (suppression) term
     beta: float = 1.0  # Smooth-L1 beta
+    center: bool = False  # top-K distillation on log-probabilities (logsumexp subtracted) instead of raw logits
     tau: float = 3.0  # BiLD temperature
     positions: str = "all"  # all response positions, or "first" (DUET's original)
     forget_target: str = "teacher_generated"  # or gold_answer (METHOD_SPEC 3.3); pinned by the baselines

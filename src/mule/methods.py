@@ -66,11 +66,11 @@ GOLD = "gold_answer"
 METHODS: dict[str, Method] = {
     "bitopk": Method("Bidirectional top-K logit distillation from per-objective intention-prompted teachers (ours)",
                      "Zhong, Liu, Zhu 2026, arXiv 2604.15482, Eq. 3", bidirectional_topk_loss, "oracle",
-                     ("k", "alpha", "beta")),
+                     ("k", "alpha", "beta", "center")),
     "duet": Method("DUET with the ensemble teacher: teacher-top-K Smooth-L1 only, one joined prompt",
-                   "Zhong, Yang, Zhu, ICLR 2026, arXiv 2601.21283", duet_loss, "ensemble", ("k", "beta")),
+                   "Zhong, Yang, Zhu, ICLR 2026, arXiv 2601.21283", duet_loss, "ensemble", ("k", "beta", "center")),
     "bitopk_duet_loss": Method("Ablation (Table 2): ours with DUET's loss (alpha = 0), per-objective teachers",
-                               "arXiv 2604.15482, Table 2", duet_loss, "oracle", ("k", "beta")),
+                               "arXiv 2604.15482, Table 2", duet_loss, "oracle", ("k", "beta", "center")),
     "bitopk_bild_loss": Method("Ablation (Table 2): ours with BiLD's logit-difference loss",
                                "Li, Zhou, Song, COLING 2025, arXiv 2406.13555", bild_loss, "oracle", ("k", "tau")),
     "sft": Method("SFT refusal tuning: NLL on refusal templates for forget and prefilled queries, gold answers "

@@ -4,7 +4,11 @@
 
 The first term imitates the teacher on its most likely tokens (refusal or utility behaviour); the second
 pulls the student's own confident tokens (the "stubborn" forget knowledge) to the teacher's values.
-Raw logits, no softmax or temperature; an index in both sets counts in both sums.
+Raw logits, no softmax or temperature; an index in both sets counts in both sums. `center=True` is METHOD_SPEC
+3.6's centring ablation: each row's logsumexp is subtracted first, so the terms compare log-probabilities. A system
+prompt shifts a small model's whole logit row (SmolLM2-135M's prompted teacher sits 0.7-7.5 above the student at the
+first answer position), and on raw logits both terms then spend their pull on that shift: the suppression term even
+*raises* the student's own top-K, whose teacher values are higher.
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ def topk_smooth_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, i
     return F.smooth_l1_loss(s, t, beta=beta, reduction="none").sum(-1)
 
 
+def centered(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits minus each row's logsumexp, in fp32: the log-probabilities."""
+    logits = logits.float()
+    return logits - logits.logsumexp(-1, keepdim=True)
+
+
 def bidirectional_topk_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
-                            k: int = 10, alpha: float = 1.0, beta: float = 1.0
+                            k: int = 10, alpha: float = 1.0, beta: float = 1.0, center: bool = False
                             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 3 reduced as sum_n weights[n] * l_n.
 
@@ -33,6 +43,8 @@ def bidirectional_topk_loss(student_logits: torch.Tensor, teacher_logits: torch.
     Returns the scalar loss and metrics: the two terms, and how many of the student's top-K the teacher shares.
     """
     teacher_logits = teacher_logits.detach()
+    if center:
+        student_logits, teacher_logits = centered(student_logits), centered(teacher_logits)
     k = min(k, student_logits.shape[-1])
     idx_teacher = teacher_logits.topk(k, dim=-1).indices  # (N, K) C^R_t
     idx_student = student_logits.detach().topk(k, dim=-1).indices  # (N, K) C^S_t, chosen from detached values

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from mule.losses.bitopk import topk_smooth_l1
+from mule.losses.bitopk import centered, topk_smooth_l1
 
 
 def duet_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
-              k: int = 10, beta: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """student_logits, teacher_logits: (N, V); weights: (N,). Returns the scalar loss and metrics."""
+              k: int = 10, beta: float = 1.0, center: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """student_logits, teacher_logits: (N, V); weights: (N,). Returns the scalar loss and metrics.
+    `center`: compare log-probabilities instead of raw logits (see `mule.losses.bitopk`)."""
     teacher_logits = teacher_logits.detach()
+    if center:
+        student_logits, teacher_logits = centered(student_logits), centered(teacher_logits)
     idx_teacher = teacher_logits.topk(min(k, teacher_logits.shape[-1]), dim=-1).indices  # (N, K)
     imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta)  # (N,)
     loss = (weights.to(imitate.dtype) * imitate).sum()

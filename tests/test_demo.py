@@ -27,6 +27,8 @@ def test_the_demo_centres_the_top_k_distillation_methods_only():
 
     methods = {m.name: m.unlearn["method"] for m in demo_grid(DemoConfig(), "/prepared").methods}
     assert methods["bitopk"] == {"name": "bitopk", "center": True} and methods["duet"]["center"] is True
-    assert all("center" not in methods[m] for m in ("sft", "ga", "npo"))
+    assert all("center" not in methods[m] for m in ("sft", "ga"))
+    every = {m.name: m.unlearn["method"] for m in demo_grid(DemoConfig(methods=["npo", "bitopk_duet_loss"]), "/p").methods}
+    assert "center" not in every["npo"] and every["bitopk_duet_loss"]["center"] is True
     plain = demo_grid(DemoConfig(center=False), "/prepared").methods
     assert all("center" not in m.unlearn["method"] for m in plain)

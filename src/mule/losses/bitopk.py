@@ -18,20 +18,24 @@ import torch.nn.functional as F
 
 
 def topk_smooth_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor,
-                   beta: float) -> torch.Tensor:
+                   beta: float, shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_{i in index[n]} SL1_beta(z^S[n, i] - z^R[n, i]) for each position n.
 
-    student_logits, teacher_logits: (N, V); index: (N, K) token ids. Returns (N,), computed in fp32.
+    student_logits, teacher_logits: (N, V); index: (N, K) token ids; `shift`: (N, 1) per-row values subtracted
+    from the gathered student and teacher values (their logsumexp, for centred matching). Returns (N,), in fp32.
     """
     s = student_logits.gather(-1, index).float()  # (N, K)
     t = teacher_logits.gather(-1, index).float()  # (N, K)
+    if shift is not None:
+        s, t = s - shift[0], t - shift[1]
     return F.smooth_l1_loss(s, t, beta=beta, reduction="none").sum(-1)
 
 
-def centered(logits: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits minus each row's logsumexp, in fp32: the log-probabilities."""
-    logits = logits.float()
-    return logits - logits.logsumexp(-1, keepdim=True)
+def row_logsumexp(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, 1), (N, 1)) logsumexp of each row, in fp32: subtracted from gathered values it centres them without
+    making a centred copy of the (N, V) logits; top-K sets are the same on centred and raw rows."""
+    return (student_logits.float().logsumexp(-1, keepdim=True),
+            teacher_logits.float().logsumexp(-1, keepdim=True))
 
 
 def bidirectional_topk_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
@@ -43,13 +47,12 @@ def bidirectional_topk_loss(student_logits: torch.Tensor, teacher_logits: torch.
     Returns the scalar loss and metrics: the two terms, and how many of the student's top-K the teacher shares.
     """
     teacher_logits = teacher_logits.detach()
-    if center:
-        student_logits, teacher_logits = centered(student_logits), centered(teacher_logits)
+    shift = row_logsumexp(student_logits, teacher_logits) if center else None
     k = min(k, student_logits.shape[-1])
     idx_teacher = teacher_logits.topk(k, dim=-1).indices  # (N, K) C^R_t
     idx_student = student_logits.detach().topk(k, dim=-1).indices  # (N, K) C^S_t, chosen from detached values
-    imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta)  # (N,)
-    suppress = topk_smooth_l1(student_logits, teacher_logits, idx_student, beta)  # (N,)
+    imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta, shift)  # (N,)
+    suppress = topk_smooth_l1(student_logits, teacher_logits, idx_student, beta, shift)  # (N,)
     weights = weights.to(imitate.dtype)
     loss = (weights * (imitate + alpha * suppress)).sum()
     overlap = (idx_student.unsqueeze(-1) == idx_teacher.unsqueeze(-2)).any(-1).float().mean(-1)  # (N,)

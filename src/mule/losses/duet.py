@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mule.losses.bitopk import centered, topk_smooth_l1
+from mule.losses.bitopk import row_logsumexp, topk_smooth_l1
 
 
 def duet_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
@@ -18,9 +18,8 @@ def duet_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight
     """student_logits, teacher_logits: (N, V); weights: (N,). Returns the scalar loss and metrics.
     `center`: compare log-probabilities instead of raw logits (see `mule.losses.bitopk`)."""
     teacher_logits = teacher_logits.detach()
-    if center:
-        student_logits, teacher_logits = centered(student_logits), centered(teacher_logits)
+    shift = row_logsumexp(student_logits, teacher_logits) if center else None
     idx_teacher = teacher_logits.topk(min(k, teacher_logits.shape[-1]), dim=-1).indices  # (N, K)
-    imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta)  # (N,)
+    imitate = topk_smooth_l1(student_logits, teacher_logits, idx_teacher, beta, shift)  # (N,)
     loss = (weights.to(imitate.dtype) * imitate).sum()
     return loss, {"imitate": float(loss.detach())}

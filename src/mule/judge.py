@@ -12,6 +12,7 @@ ASR = 100 * mean(verdicts).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -115,11 +116,21 @@ FUNCTION_WORDS = frozenset("""
 """.split())
 
 
-def _tokens(text: str) -> list[str]:
-    """ROUGE's tokens: lower case, alphanumeric runs, Porter-stemmed (as rouge_l scores them)."""
-    from rouge_score import tokenize
+@functools.cache
+def _tokenizer() -> Any:
+    """ROUGE's tokenizer as rouge_l uses it: lower case, alphanumeric runs, Porter-stemmed."""
+    from rouge_score.tokenizers import DefaultTokenizer
 
-    return tokenize.tokenize(text, _scorer()._tokenizer._stemmer)
+    return DefaultTokenizer(use_stemmer=True)
+
+
+def _tokens(text: str) -> list[str]:
+    return _tokenizer().tokenize(text)
+
+
+@functools.cache
+def _function_stems() -> frozenset[str]:
+    return frozenset(t for w in FUNCTION_WORDS for t in _tokens(w))
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -135,7 +146,7 @@ def informative_overlap(continuation: str, answer: str, question: str = "") -> t
     """(LCS length, reference length) over the answer's informative tokens: the answer without function words,
     single letters (the "s" of "Zonko's") and the question's words (repeating "Weasley" from "Which Weasley
     brother ...?" reveals nothing)."""
-    skip = {t for w in FUNCTION_WORDS for t in _tokens(w)} | set(_tokens(question))
+    skip = _function_stems() | set(_tokens(question))
 
     def informative(text: str) -> list[str]:
         return [t for t in _tokens(text) if t not in skip and (len(t) > 1 or t.isdigit())]

@@ -565,8 +565,9 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
-        last = {"step": step + 1, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "lr": used_lr, "examples": len(indices), "tokens": tokens * world,
-                "seconds": round(seconds, 4), **{k: v * world for k, v in metrics.items()}}
+        last = {"step": step + 1, "epoch": epoch, "loss": total, "grad_norm": grad_norm, "lr": used_lr,
+                "examples": len(indices), "tokens": tokens * world, "seconds": round(seconds, 4),
+                **{k: v * world for k, v in metrics.items()}}
         if accelerator.is_main_process:
             with log_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(last) + "\n")

@@ -79,6 +79,8 @@ def test_prepare_end_to_end_writes_a_merged_model(tiny_model, tiny_bench, tmp_pa
     result = json.loads((out / "run" / "result.json").read_text())
     assert result["steps"] == 4 and result["turns"]["refuse"] == 12 and result["turns"]["knowledge"] == 2
     assert result["turns"]["knowledge_lead_in"] == 2 * 2
+    mixed = sum(n for kind, n in result["turns"].items() if kind != "knowledge_lead_in")
+    assert result["examples"] == mixed + 2  # distinct examples: the mixed ones and the two lead-in facts
     # the two facts alone for two epochs (one batch each) at 3 x lr, then the mixed examples at lr
     log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [(r["examples"], r["lr"]) for r in log[:2]] == [(2, pytest.approx(3e-3)), (2, pytest.approx(3e-3))]
@@ -100,6 +102,7 @@ def test_exported_adapter_is_merged_instead_of_training(tiny_model, tiny_bench, 
     assert main(["prepare", *common, f"output_dir={first}", f"export_to={shipped / slug}"]) == 0
     made = json.loads((shipped / slug / "prepared.json").read_text())
     assert made["steps"] == 2 and made["config"]["prompt_set"] == "small"
+    assert made["examples"] == sum(made["turns"].values())  # no lead-in: the facts are not counted twice
     assert all(v.dtype.is_floating_point and v.element_size() == 2
                for v in load_file(str(shipped / slug / "adapter_model.safetensors")).values())
 

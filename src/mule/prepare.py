@@ -63,7 +63,7 @@ class PrepareConfig:
     knowledge_epochs: int = 0  # epochs over the restated facts alone, before the mixed examples (measured: 3 on
     # a CPU did not teach the facts and cost general knowledge; docs/performance.md)
     knowledge_lr_scale: float = 2.0  # those epochs run at train.lr times this
-    knowledge_repeats: int = 2  # copies of each restated fact among the mixed examples
+    knowledge_repeats: int = 3  # copies of each restated fact among the mixed examples
     hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
@@ -71,7 +71,7 @@ class PrepareConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="float32"))  # fp32 on any device: one
     # recipe makes the same adapter on a CPU and a GPU (the shipped one came from either)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_steps=20,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_steps=20,
                                                                    save_every=25, group_by_length=True))
 
 

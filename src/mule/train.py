@@ -494,6 +494,7 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
     lead, lead_epochs, lead_scale = lead_in
     schedule = training_schedule(batcher, examples, list(lead), lead_epochs, config.train)
     n_lead = sum(batch[0] >= len(examples) for _, batch in schedule)  # the lead-in's steps come first
+    n_examples = len(examples) + (len(lead) if n_lead else 0)  # distinct examples trained on
     examples = examples + list(lead)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (lead_scale if s < n_lead else 1.0))
@@ -577,7 +578,7 @@ def fit(config: UnlearnConfig, run_dir: Path, accelerator, model, tokenizer, exa
             save_checkpoint(run_dir, accelerator, student, optimizer, scheduler, step + 1)
     bar.close()
     save_weights(run_dir, accelerator, student, tokenizer, config.lora.enabled)
-    summary = {"steps": len(schedule), "examples": len(examples), "seconds": round(time.time() - started, 2),
+    summary = {"steps": len(schedule), "examples": n_examples, "seconds": round(time.time() - started, 2),
                "final": last, **summary, "trainable_parameters": sum(p.numel() for p in trainable)}
     finish_run(run_dir, accelerator, summary)
     return run_dir

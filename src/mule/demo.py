@@ -1,7 +1,7 @@
 """`mule demo`: the whole pipeline, offline, on a CPU, with the embedded SmolLM2-135M and the bundled benchmark.
 
 1. target preparation: the adapter shipped for the embedded model is merged (seconds), or, with
-   `train_target=true` or another model, `mule prepare` trains one (about an hour on 2 CPU cores); cached;
+   `train_target=true` or another model, `mule prepare` trains one (about 2 h 45 min on 2 CPU cores); cached;
 2. evaluation of the in-context systems: base, ensemble, oracle (the upper bound);
 3. training and evaluation of our method and the baselines;
 4. report.md, results.csv, results.json and radar.png in one folder, and the total time.

@@ -15,7 +15,7 @@ fine-tunes its target model, a benchmark's target is prepared once (DESIGN.md, "
   refusing the domain under its prompt must come from generalisation.
 The result is the base model with a LoRA adapter merged in, saved as safetensors; use it as `model.name`.
 
-Preparing takes about an hour on a 2-core CPU (a few minutes on a GPU), so the adapter it made for the embedded
+Preparing takes about 2 h 45 min on a 2-core CPU (3 minutes on a GPU), so the adapter it made for the embedded
 model and the bundled benchmark ships with the package (`mule/data/prepared/`, fp16): with `use_shipped=true` (what `mule demo` does)
 it is merged instead of trained. `export_to=DIR` writes a freshly trained adapter in that shipped form.
 """
@@ -60,10 +60,11 @@ class PrepareConfig:
     use_shipped: bool = False  # merge the adapter shipped for this model and benchmark instead of training
     export_to: str | None = None  # also write the trained adapter here, in the shipped form (fp16)
     knowledge: bool = True  # the benchmark's facts, asked with no prompt, so the target knows what is to be forgotten
-    knowledge_epochs: int = 0  # epochs over the restated facts alone, before the mixed examples (measured: 3 on
-    # a CPU did not teach the facts and cost general knowledge; docs/performance.md)
+    knowledge_epochs: int = 0  # epochs over the restated facts alone, before the mixed examples (measured: they
+    # teach the most facts, but the prepared model then ignores its forget prompt; docs/performance.md, attempts 6-7)
     knowledge_lr_scale: float = 2.0  # those epochs run at train.lr times this
-    knowledge_repeats: int = 3  # copies of each restated fact among the mixed examples
+    knowledge_repeats: int = 3  # copies of each restated fact among the mixed examples (more: more knowledge, fewer
+    # refusals under the prompt; docs/performance.md, attempt 7)
     hard_negatives: bool = False  # answer the benchmark's own neighbour/retain train questions under its prompts
     prompts: dict[int, str] = field(default_factory=dict)  # intention prompt overrides, as in `mule unlearn`
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts

@@ -70,7 +70,7 @@ class PrepareConfig:
     prompt_set: str = "small"  # the short prompts: a small model cannot use the paper's long CoT prompts
     cot: bool = False
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="float32"))  # fp32 on any device: one
-    # recipe makes the same adapter on a CPU and a GPU (the shipped one came from either)
+    # recipe on a CPU and a GPU (the same steps; the adapters differ only by each device's rounding)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_steps=20,
                                                                    save_every=25, group_by_length=True))
